@@ -1,0 +1,12 @@
+//! mtx-hpc: pretraining the Medical Transformer on brain MRI, on clusters.
+//!
+//! The library does all the work; `main.rs` only calls [`cli::main`]. Rooms, one per concern:
+//! `data` (NIfTI, preprocessing, the cohort generator, the HDF5 corpus, sharding), `io`
+//! (atomic files, checksums), `progress` (what rank 0 shows on a terminal).
+pub mod cli;
+pub mod data;
+pub mod io;
+pub mod progress;
+
+/// The tool's version, written into every file we produce.
+pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
