@@ -1,6 +1,7 @@
 //! The command line: clap definitions and dispatch, nothing else. Each subcommand's work lives
 //! in the library module named after it.
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use crate::data::preprocess::{Align, Normalise};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -73,22 +74,6 @@ pub struct SynthArgs {
     /// Overwrite files already in the output folder.
     #[arg(long)]
     pub force: bool,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Align {
-    /// Centre the head/brain foreground in the grid (any input).
-    Centre,
-    /// Keep world coordinates on a fixed MNI box (inputs already registered to MNI space).
-    World,
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Normalise {
-    /// Clip to the 0.5-99.5 percentiles inside the foreground, scale to [0, 1].
-    Minmax,
-    /// Clip as above, then zero mean and unit variance inside the foreground.
-    Zscore,
 }
 
 /// Preprocess NIfTI volumes onto the model's grid and write an HDF5 corpus.

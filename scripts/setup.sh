@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs everything mtx-hpc needs on Debian 12 (as root), idempotently:
+#   - Debian packages: OpenMPI, HDF5, libclang (rsmpi's bindgen), pkg-config, the Colin27
+#     template (mricron-data), h5dump;
+#   - a Python virtual environment in .venv with what the tests and benchmarks use
+#     (numpy, scipy, nibabel, h5py, the MNI152 template from the nilearn wheel);
+#   - the release binary, target/release/mtx-hpc.
+# Set MTX_SKIP_BUILD=1 to skip the cargo build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libclang-dev pkg-config
+    mricron-data python3-venv ca-certificates)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo not found. Install Rust >= 1.85 (rustup) and run again." >&2
+    exit 1
+fi
+
+# Python for tests and benchmarks: a venv, because Debian's python refuses pip (PEP 668).
+PY_STAMP=.venv/.mtx-setup-v1
+if [ ! -f "$PY_STAMP" ]; then
+    echo "setup: creating the Python environment in .venv"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check \
+        "numpy<3" "scipy<2" "nibabel>=5,<6" "h5py>=3.9,<4"
+    # Only the MNI152 2009a template is needed from nilearn: no dependencies.
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps "nilearn==0.14.*"
+    touch "$PY_STAMP"
+fi
+
+if [ "${MTX_SKIP_BUILD:-0}" != 1 ]; then
+    cargo build --release --quiet
+fi

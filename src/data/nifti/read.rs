@@ -1,0 +1,1 @@
+//! Reading NIfTI-1 images: validation, orientation, scaling. (being written)
