@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# README command 1: installs everything (scripts/setup.sh), then runs the main job on the
+# built-in data: synth a healthy pretraining cohort and a clinical downstream cohort, pack
+# both into HDF5 corpora, inspect them (text summary and a PNG of one subject each).
+# Outputs go to demo-out/ (or $MTX_DEMO_OUT).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+BIN=target/release/mtx-hpc
+OUT=${MTX_DEMO_OUT:-demo-out}
+HEALTHY=${MTX_DEMO_HEALTHY:-16}
+CLINICAL=${MTX_DEMO_CLINICAL:-12}
+mkdir -p "$OUT"
+
+# The real Colin27 T1 gives realistic anatomy when installed; the procedural phantom otherwise.
+TEMPLATE=()
+COLIN=/usr/share/mricron/templates/ch2bet.nii.gz
+if [ -f "$COLIN" ]; then TEMPLATE=(--template "$COLIN"); fi
+
+set -x
+"$BIN" synth --cohort healthy --subjects "$HEALTHY" --seed 1 --out "$OUT/healthy" --force "${TEMPLATE[@]}"
+"$BIN" synth --cohort clinical --subjects "$CLINICAL" --seed 2 --tumour-fraction 0.5 --out "$OUT/clinical" --force "${TEMPLATE[@]}"
+"$BIN" pack --manifest "$OUT/healthy/manifest.csv" --out "$OUT/healthy.h5" --force
+"$BIN" pack --manifest "$OUT/clinical/manifest.csv" --out "$OUT/clinical.h5" --force
+# The first clinical subject with a tumour (column 8 = segmentation), to show the overlay.
+TUMOUR=$(awk -F, 'NR > 1 && $8 != "" { print $1; exit }' "$OUT/clinical/manifest.csv")
+TUMOUR=${TUMOUR:-CL0000}
+"$BIN" inspect "$OUT/healthy.h5"
+"$BIN" inspect "$OUT/clinical.h5"
+"$BIN" inspect "$OUT/healthy.h5" --subject HC0000 --png "$OUT/HC0000.png"
+"$BIN" inspect "$OUT/clinical.h5" --subject "$TUMOUR" --png "$OUT/$TUMOUR.png"
+set +x
+echo "demo: done. Corpora and PNGs are in $OUT/"
