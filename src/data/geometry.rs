@@ -105,7 +105,7 @@ mod tests {
         for k in 0..3 {
             assert!((p[k] - q[k]).abs() < 1e-9, "{p:?} != {q:?}");
         }
-        assert_eq!(axcodes(&m), "PRS");
+        assert_eq!(axcodes(&m), "ALS");
     }
 
     #[test]
