@@ -271,7 +271,9 @@ impl Corpus {
 
 /// One H5Dread of the hyperslab [i, :, :, :] straight into `buf` (no intermediate array). A
 /// chunk is one subject and larger than the chunk cache, so HDF5 copies it from the file
-/// directly into our memory.
+/// directly into our memory. The memory space must have the file selection's shape: with a
+/// flat 1-D memory space HDF5 falls back to scattering row by row (measured 40 ms instead of
+/// 0.1 ms per subject at 96x114x96).
 fn read_subject_chunk<T: H5Type>(ds: &Dataset, i: usize, buf: &mut [T]) -> Result<()> {
     let shape = ds.shape();
     let per: usize = shape[1..].iter().product();
@@ -280,7 +282,7 @@ fn read_subject_chunk<T: H5Type>(ds: &Dataset, i: usize, buf: &mut [T]) -> Resul
     }
     let selection: hdf5::Selection = ndarray::s![i..i + 1, .., .., ..].try_into()?;
     let fspace = ds.space()?.select(selection)?;
-    let mspace = hdf5::Dataspace::try_new([per])?;
+    let mspace = hdf5::Dataspace::try_new([1, shape[1], shape[2], shape[3]])?;
     let mtype = hdf5::Datatype::from_type::<T>()?;
     // SAFETY: `buf` holds exactly the `per` elements of type T that the memory space and type
     // describe; all ids are valid for the duration of the call; the library's global lock
