@@ -6,7 +6,7 @@ mod read;
 mod split;
 mod write;
 
-pub use read::{Corpus, CorpusInfo};
+pub use read::{Corpus, CorpusInfo, is_hdf5};
 pub use split::{split_subjects, val_count};
 pub use write::CorpusWriter;
 
