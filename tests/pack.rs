@@ -78,7 +78,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 }
 
 fn err_of(r: anyhow::Result<mtx_hpc::data::pack::PackReport>) -> String {
-    format!("{:#}", r.err().expect("pack must fail"))
+    format!("{:#}", r.expect_err("pack must fail"))
 }
 
 #[test]
@@ -486,4 +486,37 @@ fn pack_dir_takes_every_nifti_and_pairs_segmentations() {
         mtx_hpc::data::manifest::scan_dir(&empty).expect_err("empty")
     );
     assert!(err.contains("no .nii or .nii.gz images"), "{err}");
+}
+
+#[test]
+fn packing_the_same_inputs_twice_gives_the_same_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rows: Vec<String> = (0..6)
+        .map(|k| format!("{k}{}", if k == 2 { " seg" } else { "" }))
+        .collect();
+    let ids: Vec<String> = (0..6).map(|k| format!("S{k}")).collect();
+    let table: Vec<(&str, &str, &str)> = ids
+        .iter()
+        .zip(&rows)
+        .map(|(i, r)| (i.as_str(), "", r.as_str()))
+        .collect();
+    let manifest = cohort(dir.path(), &table);
+    let out = dir.path().join("c.h5");
+    let a = args(&[
+        "--manifest",
+        manifest.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+        "--threads",
+        "3",
+        "--force",
+    ]);
+    pack(&a, fake_prepare).expect("first");
+    let first = std::fs::read(&out).expect("read");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    pack(&a, fake_prepare).expect("second");
+    assert!(
+        first == std::fs::read(&out).expect("read"),
+        "same inputs, different bytes"
+    );
 }
