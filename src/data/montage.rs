@@ -4,8 +4,9 @@
 use anyhow::{Context, Result, bail};
 
 /// The display convention, printed with every montage.
-pub const CONVENTION: &str = "neurological: subject's left on the image left; axial and coronal \
-seen from above/front with anterior/superior up; sagittal with anterior to the right";
+pub const CONVENTION: &str = "neurological convention (subject's left on the image left: axial \
+viewed from above, coronal from behind); anterior up in axial, superior up in sagittal and \
+coronal, anterior to the right in sagittal";
 /// Each voxel becomes SCALE x SCALE pixels (nearest neighbour), so 2 mm grids stay visible.
 pub const SCALE: usize = 2;
 /// Black pixels between panels (after scaling).
