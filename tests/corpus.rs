@@ -291,3 +291,66 @@ print("ok")
         "{text}"
     );
 }
+
+/// Run only as the child of `killed_writer_leaves_no_corpus`: starts a corpus, writes one
+/// subject, then waits to be killed.
+#[test]
+#[ignore = "child process of killed_writer_leaves_no_corpus"]
+fn child_writer_waiting_to_be_killed() {
+    let Ok(target) = std::env::var("MTX_TEST_KILL_TARGET") else {
+        return;
+    };
+    let path = std::path::PathBuf::from(target);
+    let mut w = CorpusWriter::create(
+        AtomicFile::new(&path, false).expect("af"),
+        &path,
+        header(GRID),
+        3,
+    )
+    .expect("create");
+    w.push(meta(0), &prepared(0, GRID, false)).expect("push");
+    std::fs::write(path.with_extension("ready"), "").expect("ready marker");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+}
+
+#[test]
+fn killed_writer_leaves_no_corpus() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("c.h5");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            "child_writer_waiting_to_be_killed",
+            "--test-threads=1",
+        ])
+        .env("MTX_TEST_KILL_TARGET", &target)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let ready = target.with_extension("ready");
+    let t = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(t.elapsed().as_secs() < 30, "child never got ready");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    assert!(
+        !target.exists(),
+        "a killed write left a file under the corpus name"
+    );
+    for name in dir_entries(dir.path()) {
+        // SIGKILL runs no destructor: only the hidden temporary may remain, never a corpus.
+        assert!(
+            name == "c.ready" || (name.starts_with(".c.h5.") && name.ends_with(".partial")),
+            "unexpected file {name}"
+        );
+    }
+}
+
+#[test]
+fn a_corpus_can_move_to_a_reader_thread() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Corpus>();
+}
