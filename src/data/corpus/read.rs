@@ -312,14 +312,25 @@ fn expect_dtype(ds: &Dataset, want: &TypeDescriptor, name: &str) -> Result<()> {
 }
 
 fn read_str_attr(loc: &Location, name: &str) -> Result<String> {
+    require_attr(loc, name)?;
     let v: VarLenUnicode = loc
         .attr(name)
         .and_then(|a| a.read_scalar())
-        .map_err(|e| anyhow!("attribute '{name}': {e}"))?;
+        .map_err(|e| anyhow!("attribute '{name}' is not a string: {e}"))?;
     Ok(v.as_str().to_string())
 }
 
+fn require_attr(loc: &Location, name: &str) -> Result<()> {
+    if !loc.attr_names()?.iter().any(|n| n == name) {
+        bail!("attribute '{name}' is missing");
+    }
+    Ok(())
+}
+
 fn read_info(file: &File) -> Result<CorpusInfo> {
+    for name in ["grid", "spacing", "val_fraction", "split_seed"] {
+        require_attr(file, name)?;
+    }
     let json = read_str_attr(file, "preprocessing")?;
     let params: PackParams =
         serde_json::from_str(&json).context("attribute 'preprocessing' is not valid parameters")?;
