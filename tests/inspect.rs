@@ -215,3 +215,39 @@ fn inspect_refuses_other_versions_and_foreign_files_clearly() {
     std::fs::write(&nii, [0x1f, 0x8b]).expect("write");
     assert_eq!(detect(&nii).expect("detect"), FileKind::Nifti);
 }
+
+#[test]
+fn subjects_with_several_sessions_are_picked_as_id_colon_session() {
+    use mtx_hpc::data::corpus::CorpusWriter;
+    use mtx_hpc::data::inspect::find_subject;
+    use mtx_hpc::io::AtomicFile;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.h5");
+    let mut w = CorpusWriter::create(
+        AtomicFile::new(&path, false).expect("af"),
+        &path,
+        header(GRID),
+        3,
+    )
+    .expect("create");
+    for (k, ses) in ["a", "b"].iter().enumerate() {
+        let mut m = meta(1);
+        m.session = ses.to_string();
+        w.push(m, &prepared(k, GRID, false)).expect("push");
+    }
+    w.push(meta(2), &prepared(2, GRID, false)).expect("push");
+    w.finish().expect("finish");
+    let c = Corpus::open(&path).expect("open");
+    assert_eq!(find_subject(&c, "S002").expect("unique"), 2);
+    assert_eq!(find_subject(&c, "S001:b").expect("session"), 1);
+    let err = format!("{:#}", find_subject(&c, "S001").expect_err("ambiguous"));
+    assert!(
+        err.contains("2 sessions") && err.contains("S001:a, S001:b"),
+        "{err}"
+    );
+    assert_eq!(
+        c.subjects()[0].split,
+        c.subjects()[1].split,
+        "sessions split apart"
+    );
+}
