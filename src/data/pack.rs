@@ -156,7 +156,11 @@ where
         threads,
         &subjects,
         &mut writer,
-        args.skip_bad,
+        if args.skip_bad {
+            OnFailure::Skip
+        } else {
+            OnFailure::Abort
+        },
         &prepare,
         &mut report,
     )?;
@@ -200,6 +204,13 @@ fn check_args(args: &PackArgs) -> Result<()> {
 
 type Outcome = Result<(Prepared, String)>;
 
+/// What a subject that fails to preprocess does to the pack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnFailure {
+    Abort,
+    Skip,
+}
+
 /// Runs the workers and writes results in input order. At most `2 * threads` subjects are in
 /// flight (submitted and not yet written), which bounds memory.
 fn write_all<F>(
@@ -207,7 +218,7 @@ fn write_all<F>(
     threads: usize,
     subjects: &[SubjectInput],
     writer: &mut CorpusWriter,
-    skip_bad: bool,
+    on_failure: OnFailure,
     prepare: &F,
     report: &mut PackReport,
 ) -> Result<()>
@@ -263,7 +274,7 @@ where
                             })?;
                         report.busy += dt;
                     }
-                    Err(e) if skip_bad => {
+                    Err(e) if on_failure == OnFailure::Skip => {
                         let why = format!("{e:#}");
                         bar.suspend(|| eprintln!("skipping subject {}: {why}", s.label()));
                         report.skipped.push((s.label(), why));

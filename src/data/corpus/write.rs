@@ -47,7 +47,13 @@ impl CorpusWriter {
             bail!("{}: grid {grid:?} has an empty axis", target.display());
         }
         let tmp = out.path().to_path_buf();
-        let ctx = || format!("{}: cannot create the corpus", tmp.display());
+        let ctx = || {
+            format!(
+                "{}: cannot create the corpus (temporary file {})",
+                target.display(),
+                tmp.display()
+            )
+        };
         let file = File::with_options()
             .with_fcpl(|p| p.obj_track_times(false))
             .create(&tmp)
