@@ -3,7 +3,7 @@
 //! (tests/fixtures/bad_inputs.py), the reference reader, so they are what users will have.
 mod common;
 
-use common::{mtx, python};
+use common::{mtx, run_python};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -14,7 +14,7 @@ fn fixtures() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("mtx-bad-inputs-{}", std::process::id()));
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bad_inputs.py");
-        python(&[script, dir.to_str().expect("utf-8 temp dir")]);
+        run_python(&[script, dir.to_str().expect("utf-8 temp dir")]);
         dir
     })
 }
@@ -239,7 +239,7 @@ fn skip_bad_writes_the_rest_and_names_the_skipped() {
         );
     }
     let corpus = dir.join("corpus.h5");
-    let ids = python(&[
+    let ids = run_python(&[
         "-c",
         "import h5py,sys; f=h5py.File(sys.argv[1]); print(sorted(x.decode() if isinstance(x, bytes) else x for x in f['subjects/id'][()]))",
         corpus.to_str().unwrap(),
@@ -257,7 +257,7 @@ fn inspect_refuses_another_format_version() {
         String::from_utf8_lossy(&out.stderr)
     );
     let corpus = dir.join("corpus.h5");
-    python(&[
+    run_python(&[
         "-c",
         "import h5py,sys; f=h5py.File(sys.argv[1],'r+'); f.attrs['format_version']=99",
         corpus.to_str().unwrap(),

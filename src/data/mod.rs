@@ -4,6 +4,7 @@ pub mod corpus;
 pub mod geometry;
 pub mod inspect;
 pub mod manifest;
+pub mod montage;
 pub mod nifti;
 pub mod pack;
 pub mod preprocess;

@@ -1,30 +1,128 @@
-//! Helpers shared by the integration tests: run the built binary, run the project's Python.
+//! Helpers shared by the integration tests: synthetic preprocessed subjects written straight
+//! through the corpus writer, running the binary, running the project's Python.
 #![allow(dead_code)]
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use mtx_hpc::data::corpus::{CorpusHeader, CorpusWriter, SubjectMeta};
+use mtx_hpc::data::geometry::IDENTITY;
+use mtx_hpc::data::preprocess::{
+    AffineSource, Align, Normalise, PackGeometry, PackParams, Prepared,
+};
+use mtx_hpc::io::AtomicFile;
+use std::path::{Path, PathBuf};
+
+pub const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+
+pub fn python() -> &'static str {
+    assert!(
+        Path::new(PYTHON).exists(),
+        "{PYTHON} is missing: run scripts/setup.sh to create the Python environment"
+    );
+    PYTHON
+}
+
+pub fn params(grid: [usize; 3]) -> PackParams {
+    PackParams {
+        spacing: 2.0,
+        grid,
+        align: Align::Centre,
+        normalise: Normalise::Minmax,
+        volume: None,
+    }
+}
+
+pub fn header(grid: [usize; 3]) -> CorpusHeader {
+    CorpusHeader {
+        params: params(grid),
+        creation_command: "mtx-hpc pack --manifest m.csv --out c.h5".into(),
+        val_fraction: 0.25,
+        split_seed: 5,
+    }
+}
+
+/// Subject `k`: a smooth ramp with a per-subject offset, a label cube when `with_labels`.
+pub fn prepared(k: usize, grid: [usize; 3], with_labels: bool) -> Prepared {
+    let [x, y, z] = grid;
+    let mut volume = Vec::with_capacity(x * y * z);
+    let mut labels = vec![0u8; x * y * z];
+    for i in 0..x {
+        for j in 0..y {
+            for l in 0..z {
+                volume.push(
+                    (i + 2 * j + 3 * l) as f32 / (x + 2 * y + 3 * z) as f32 + k as f32 * 0.01,
+                );
+                let idx = (i * y + j) * z + l;
+                if (2..4).contains(&i) && (2..4).contains(&j) {
+                    labels[idx] = [1u8, 2, 4][l % 3];
+                }
+            }
+        }
+    }
+    let mut source_affine = IDENTITY;
+    source_affine[0][0] = -1.0;
+    source_affine[0][3] = 90.0 + k as f64;
+    let mut grid_affine = IDENTITY;
+    for d in 0..3 {
+        grid_affine[d][d] = 2.0;
+        grid_affine[d][3] = -(grid[d] as f64);
+    }
+    let mut grid_to_source = IDENTITY;
+    grid_to_source[1][3] = 0.5 * k as f64;
+    Prepared {
+        volume,
+        labels: with_labels.then_some(labels),
+        geometry: PackGeometry {
+            source_shape: [x * 2 + k, y * 2, z * 2],
+            source_affine,
+            affine_source: if k % 2 == 0 {
+                AffineSource::Sform
+            } else {
+                AffineSource::Qform
+            },
+            grid_affine,
+            grid_to_source,
+        },
+        warnings: vec![],
+    }
+}
+
+pub fn meta(k: usize) -> SubjectMeta {
+    SubjectMeta {
+        id: format!("S{k:03}"),
+        session: if k == 1 {
+            "ses-02".into()
+        } else {
+            String::new()
+        },
+        source_file: format!("S{k:03}.nii.gz"),
+        source_checksum: format!("{k:064x}"),
+        age: if k == 2 { None } else { Some(20.5 + k as f32) },
+        sex: ["M", "F", ""][k % 3].into(),
+        diagnosis: ["CN", "AD", "MCI", ""][k % 4].into(),
+        site: format!("site{}", k % 2),
+    }
+}
+
+/// Writes `n` synthetic subjects; those with k % 2 == 1 carry labels when `labels`.
+pub fn write_corpus(path: &Path, grid: [usize; 3], n: usize, labels: bool) -> PathBuf {
+    let out = AtomicFile::new(path, true).expect("atomic file");
+    let mut w = CorpusWriter::create(out, path, header(grid), n).expect("create");
+    for k in 0..n {
+        w.push(meta(k), &prepared(k, grid, labels && k % 2 == 1))
+            .expect("push");
+    }
+    w.finish().expect("finish")
+}
 
 /// Runs `mtx-hpc` with `args`.
-pub fn mtx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mtx-hpc"))
+pub fn mtx(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mtx-hpc"))
         .args(args)
         .output()
         .expect("cannot start mtx-hpc")
 }
 
-/// The project's Python (scripts/setup.sh makes .venv); a missing one fails the test loudly.
-pub fn python_bin() -> PathBuf {
-    let py = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
-    assert!(
-        py.exists(),
-        "{} is missing: run scripts/setup.sh first",
-        py.display()
-    );
-    py
-}
-
 /// Runs the project's Python with `args`, panics with its stderr on failure, returns stdout.
-pub fn python(args: &[&str]) -> String {
-    let out = Command::new(python_bin())
+pub fn run_python(args: &[&str]) -> String {
+    let out = std::process::Command::new(python())
         .args(args)
         .output()
         .expect("cannot start python");
