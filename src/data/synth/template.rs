@@ -1,0 +1,299 @@
+//! Anatomy from a real T1 (e.g. Colin27): the template is read once, its tissues estimated from
+//! intensity, and each subject warps it: ventricles expand, the medial temporal lobe and the
+//! brain shrink, the cortex thins (grey matter blends into CSF near the brain's edge).
+use super::anatomy::{Anatomy, Contrast, Tissue};
+use super::atrophy::Atrophy;
+use crate::data::geometry::{IDENTITY, Mat4, apply, inverse};
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+
+/// Landmarks in anatomy space (brain centre at the origin, MNI-like), shared with the phantom.
+const VENTRICLE_CENTRE: [f64; 3] = [8.0, 2.0, 10.0];
+const HIPPOCAMPUS_CENTRE: [f64; 3] = [28.0, -5.0, -21.0];
+const VENTRICLE_REACH_MM: f64 = 22.0;
+const HIPPOCAMPUS_REACH_MM: f64 = 12.0;
+/// Normalised intensity thresholds between CSF, grey and white matter (white matter = 1).
+const CSF_BELOW: f32 = 0.45;
+const GM_BELOW: f32 = 0.82;
+
+/// A loaded template: intensities normalised so white matter is about 1, plus a smoothed
+/// foreground mask that says how close a point is to the brain's edge.
+pub struct Template {
+    dims: [usize; 3],
+    world_to_voxel: Mat4,
+    /// Brain centre in template world coordinates (foreground centroid).
+    centre: [f64; 3],
+    signal: Vec<f32>,
+    /// Foreground mask box-blurred over ~7 mm: 1 deep inside, 0.5 at the edge, 0 outside.
+    inner: Vec<f32>,
+}
+
+impl Template {
+    // MERGE: replace with data::nifti::read
+    pub fn load(path: &Path) -> Result<Self> {
+        use nifti::{IntoNdArray, NiftiObject};
+        let obj = nifti::ReaderOptions::new()
+            .read_file(path)
+            .with_context(|| format!("{}: cannot read the template NIfTI", path.display()))?;
+        let h = obj.header().clone();
+        let affine = if h.sform_code > 0 {
+            let mut m = IDENTITY;
+            for (r, row) in [h.srow_x, h.srow_y, h.srow_z].iter().enumerate() {
+                for c in 0..4 {
+                    m[r][c] = row[c] as f64;
+                }
+            }
+            m
+        } else if h.qform_code > 0 {
+            let q = crate::data::nifti::write::Quatern {
+                b: h.quatern_b as f64,
+                c: h.quatern_c as f64,
+                d: h.quatern_d as f64,
+                pixdim: [1, 2, 3].map(|a| h.pixdim[a] as f64),
+                qfac: if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 },
+            };
+            let offset = [h.quatern_x, h.quatern_y, h.quatern_z].map(f64::from);
+            crate::data::nifti::write::qform_matrix(&q, offset)
+        } else {
+            let mut m = IDENTITY;
+            for a in 0..3 {
+                m[a][a] = h.pixdim[a + 1].abs() as f64;
+            }
+            m
+        };
+        let world_to_voxel =
+            inverse(&affine).with_context(|| format!("{}: singular affine", path.display()))?;
+        let volume = obj
+            .into_volume()
+            .into_ndarray::<f32>()
+            .with_context(|| format!("{}: cannot decode voxels", path.display()))?;
+        let shape = volume.shape().to_vec();
+        if shape.len() < 3 || shape[3..].iter().any(|&d| d != 1) {
+            bail!(
+                "{}: template must be 3-D, got shape {shape:?}",
+                path.display()
+            );
+        }
+        let dims = [shape[0], shape[1], shape[2]];
+        let mut raw = Vec::with_capacity(dims.iter().product());
+        for k in 0..dims[2] {
+            for j in 0..dims[1] {
+                for i in 0..dims[0] {
+                    let mut idx = vec![i, j, k];
+                    idx.resize(shape.len(), 0);
+                    raw.push(volume[idx.as_slice()]);
+                }
+            }
+        }
+        if raw.iter().any(|v| !v.is_finite()) {
+            bail!("{}: template holds NaN or infinite voxels", path.display());
+        }
+        let mut sorted: Vec<f32> = raw.iter().copied().filter(|v| *v > 0.0).collect();
+        if sorted.len() < 1000 {
+            bail!("{}: template has almost no foreground", path.display());
+        }
+        sorted.sort_by(f32::total_cmp);
+        let high = sorted[sorted.len() * 99 / 100];
+        let mask: Vec<f32> = raw.iter().map(|&v| f32::from(v > 0.08 * high)).collect();
+        let mut fg: Vec<f32> = raw
+            .iter()
+            .zip(&mask)
+            .filter(|(_, m)| **m > 0.0)
+            .map(|(v, _)| *v)
+            .collect();
+        fg.sort_by(f32::total_cmp);
+        // White matter is the brightest large class of a T1: its level sits high in the
+        // foreground histogram.
+        let wm = fg[fg.len() * 85 / 100].max(1e-6);
+        let signal = raw.iter().zip(&mask).map(|(v, m)| m * v / wm).collect();
+        let mut sum = [0.0f64; 3];
+        let mut count = 0.0;
+        for k in 0..dims[2] {
+            for j in 0..dims[1] {
+                for i in 0..dims[0] {
+                    if mask[i + dims[0] * (j + dims[1] * k)] > 0.0 {
+                        let w = apply(&affine, [i as f64, j as f64, k as f64]);
+                        for a in 0..3 {
+                            sum[a] += w[a];
+                        }
+                        count += 1.0;
+                    }
+                }
+            }
+        }
+        let centre = sum.map(|s| s / count);
+        let vox_mm = crate::data::geometry::voxel_sizes(&affine);
+        let radius = vox_mm.map(|v| ((3.5 / v).round() as usize).max(1));
+        let inner = box_blur(&mask, dims, radius);
+        Ok(Self {
+            dims,
+            world_to_voxel,
+            centre,
+            signal,
+            inner,
+        })
+    }
+
+    /// Trilinear samples of (signal, inner) at template world `p`; zero outside the grid.
+    fn sample(&self, p: [f64; 3]) -> (f32, f32) {
+        let v = apply(&self.world_to_voxel, p);
+        let mut base = [0usize; 3];
+        let mut t = [0f32; 3];
+        for a in 0..3 {
+            if !(v[a] >= 0.0 && v[a] <= (self.dims[a] - 1) as f64) {
+                return (0.0, 0.0);
+            }
+            let b = (v[a] as usize).min(self.dims[a].saturating_sub(2));
+            base[a] = b;
+            t[a] = (v[a] - b as f64) as f32;
+        }
+        let (sx, sy, sz) = (1, self.dims[0], self.dims[0] * self.dims[1]);
+        let at = base[0] + base[1] * sy + base[2] * sz;
+        let (mut s, mut m) = (0.0, 0.0);
+        for (dx, dy, dz) in [
+            (0, 0, 0),
+            (1, 0, 0),
+            (0, 1, 0),
+            (1, 1, 0),
+            (0, 0, 1),
+            (1, 0, 1),
+            (0, 1, 1),
+            (1, 1, 1),
+        ] {
+            let w = (if dx == 1 { t[0] } else { 1.0 - t[0] })
+                * (if dy == 1 { t[1] } else { 1.0 - t[1] })
+                * (if dz == 1 { t[2] } else { 1.0 - t[2] });
+            let idx = (at + dx * sx + dy * sy + dz * sz).min(self.signal.len() - 1);
+            s += w * self.signal[idx];
+            m += w * self.inner[idx];
+        }
+        (s, m)
+    }
+
+    /// Whether anatomy-space `q` lies well inside the template's brain.
+    pub fn is_deep_inside(&self, q: [f64; 3]) -> bool {
+        self.sample(self.to_world(q)).1 > 0.99
+    }
+
+    fn to_world(&self, q: [f64; 3]) -> [f64; 3] {
+        [0, 1, 2].map(|a| q[a] + self.centre[a])
+    }
+}
+
+/// Separable box blur with the given radius per axis (voxels), edges clamped.
+fn box_blur(data: &[f32], dims: [usize; 3], radius: [usize; 3]) -> Vec<f32> {
+    let mut cur = data.to_vec();
+    let strides = [1, dims[0], dims[0] * dims[1]];
+    for axis in 0..3 {
+        let n = dims[axis];
+        let r = radius[axis] as isize;
+        let stride = strides[axis];
+        let mut next = vec![0.0f32; cur.len()];
+        let mut line = vec![0.0f32; n + 1];
+        for start in 0..cur.len() {
+            // Lines start where the axis index is zero.
+            if (start / stride) % n != 0 {
+                continue;
+            }
+            line[0] = 0.0;
+            for i in 0..n {
+                line[i + 1] = line[i] + cur[start + i * stride];
+            }
+            for i in 0..n as isize {
+                let lo = (i - r).max(0) as usize;
+                let hi = ((i + r + 1) as usize).min(n);
+                next[start + i as usize * stride] = (line[hi] - line[lo]) / (hi - lo) as f32;
+            }
+        }
+        cur = next;
+    }
+    cur
+}
+
+/// One subject's view of the template: the atrophy warps and the site's contrast.
+pub struct TemplateAnatomy<'a> {
+    template: &'a Template,
+    atrophy: Atrophy,
+    contrast: Contrast,
+}
+
+impl<'a> TemplateAnatomy<'a> {
+    pub fn new(template: &'a Template, atrophy: Atrophy, contrast: Contrast) -> Self {
+        Self {
+            template,
+            atrophy,
+            contrast,
+        }
+    }
+
+    /// Where the subject's point `q` is read from in the template's anatomy space.
+    fn source_point(&self, q: [f64; 3]) -> [f64; 3] {
+        let a = &self.atrophy;
+        let mut p = q.map(|v| v / a.brain_scale);
+        let side = if p[0] < 0.0 { -1.0 } else { 1.0 };
+        let grow = (a.ventricles[0] * a.ventricles[1] * a.ventricles[2]).cbrt();
+        p = radial_warp(p, mirror(VENTRICLE_CENTRE, side), VENTRICLE_REACH_MM, grow);
+        radial_warp(
+            p,
+            mirror(HIPPOCAMPUS_CENTRE, side),
+            HIPPOCAMPUS_REACH_MM,
+            a.hippocampus,
+        )
+    }
+}
+
+fn mirror(c: [f64; 3], side: f64) -> [f64; 3] {
+    [c[0] * side, c[1], c[2]]
+}
+
+/// Scales the neighbourhood of `centre` by `scale` (> 1 grows what is there), fading out over
+/// `reach` mm: the point at `q` reads from closer to (or farther from) the centre.
+fn radial_warp(q: [f64; 3], centre: [f64; 3], reach: f64, scale: f64) -> [f64; 3] {
+    let d = [0, 1, 2].map(|a| q[a] - centre[a]);
+    let r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
+    let w = (-r2 / (reach * reach)).exp();
+    let f = 1.0 + (1.0 / scale - 1.0) * w;
+    [0, 1, 2].map(|a| centre[a] + d[a] * f)
+}
+
+impl Anatomy for TemplateAnatomy<'_> {
+    fn sample(&self, q: [f64; 3]) -> (Tissue, f32) {
+        let p = self.source_point(q);
+        let (mut s, inner) = self.template.sample(self.template.to_world(p));
+        if inner <= 0.0 && s <= 0.0 {
+            return (Tissue::Background, 0.0);
+        }
+        let load = self.atrophy.load as f32;
+        let csf = self.contrast.csf;
+        if s < GM_BELOW {
+            // Cortical thinning and sulcal widening: grey matter near the edge, and anything
+            // already partly CSF, slides towards CSF with the atrophy load.
+            let edge = ((0.95 - inner) / 0.45).clamp(0.0, 1.0);
+            let partial = ((0.6 - s) / 0.3).clamp(0.0, 1.0);
+            let t = (load * (0.6 * edge + 0.4 * partial)).min(0.85);
+            s += (csf - s) * t;
+        }
+        // Map the template's tissue levels onto the site's contrast.
+        let tissue = if s < CSF_BELOW {
+            let side = [q[0].abs(), q[1], q[2]];
+            let d2: f64 = (0..3)
+                .map(|a| (side[a] - VENTRICLE_CENTRE[a]).powi(2))
+                .sum();
+            if d2 < VENTRICLE_REACH_MM.powi(2) {
+                Tissue::Ventricle
+            } else {
+                Tissue::Csf
+            }
+        } else if s < GM_BELOW {
+            Tissue::CorticalGm
+        } else {
+            Tissue::Wm
+        };
+        let gain = match tissue {
+            Tissue::Csf | Tissue::Ventricle => csf / Contrast::default().csf,
+            Tissue::CorticalGm => self.contrast.gm / Contrast::default().gm,
+            _ => self.contrast.wm,
+        };
+        (tissue, s * gain)
+    }
+}
