@@ -60,7 +60,7 @@ impl Atrophy {
             ],
             cortex_mm: uniform(rng, 2.8, 3.2) - 0.8 * load,
             sulcus_mm: 0.5 + 1.3 * load,
-            sulcus_depth_mm: 13.0 + 4.0 * load,
+            sulcus_depth_mm: 16.0 + 4.0 * load,
             fissure_mm: 1.0 + 2.0 * load,
             brain_scale: 1.0 - 0.045 * load,
             hippocampus: 1.0 - 0.12 * ageing - ad * uniform(rng, 0.2, 0.3),

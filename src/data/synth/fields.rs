@@ -70,6 +70,38 @@ impl<const C: usize> Lattice<C> {
     }
 }
 
+impl Lattice<1> {
+    /// `|f| / |grad f|` at each node (central differences): near the zero set of `f` this is
+    /// the distance to it in mm, whatever the local slope, so bands around it keep their width.
+    pub fn distance_to_zero_set(&self) -> Lattice<1> {
+        let [nx, ny, nz] = self.dims;
+        let step = 1.0 / self.inv_step;
+        let at = |i: usize, j: usize, k: usize| self.values[i + nx * (j + ny * k)][0] as f64;
+        let mut values = Vec::with_capacity(self.values.len());
+        for k in 0..nz {
+            for j in 0..ny {
+                for i in 0..nx {
+                    let d = |lo: f64, hi: f64, span: usize| (hi - lo) / (span as f64 * step);
+                    let (i0, i1) = (i.saturating_sub(1), (i + 1).min(nx - 1));
+                    let (j0, j1) = (j.saturating_sub(1), (j + 1).min(ny - 1));
+                    let (k0, k1) = (k.saturating_sub(1), (k + 1).min(nz - 1));
+                    let gx = d(at(i0, j, k), at(i1, j, k), (i1 - i0).max(1));
+                    let gy = d(at(i, j0, k), at(i, j1, k), (j1 - j0).max(1));
+                    let gz = d(at(i, j, k0), at(i, j, k1), (k1 - k0).max(1));
+                    let g = (gx * gx + gy * gy + gz * gz).sqrt().max(1e-9);
+                    values.push([(at(i, j, k).abs() / g).min(1e3) as f32]);
+                }
+            }
+        }
+        Lattice {
+            origin: self.origin,
+            inv_step: self.inv_step,
+            dims: self.dims,
+            values,
+        }
+    }
+}
+
 /// Value noise: random values at integer lattice points, smoothstep-interpolated; about
 /// [-1, 1]. Octaves of it make gyri and sulci.
 #[derive(Clone, Copy, Debug)]

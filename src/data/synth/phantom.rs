@@ -13,7 +13,7 @@ const OUTER_CSF_MM: f64 = 2.5;
 const SKULL_MM: f64 = 6.5;
 const SCALP_MM: f64 = 6.0;
 /// Folding wavelength of the gyri, mm, and the spacing the folding field is cached at.
-const GYRUS_WAVELENGTH: f64 = 26.0;
+const GYRUS_WAVELENGTH: f64 = 15.0;
 const FOLDING_STEP: f64 = 2.0;
 
 struct Ellipsoid {
@@ -48,7 +48,7 @@ const FISSURE_FLOOR_Z: f64 = 24.0;
 pub struct Phantom {
     atrophy: Atrophy,
     contrast: Contrast,
-    /// Folding field, scaled to roughly millimetres from its zero set (where sulci run).
+    /// Distance (mm) to the nearest sulcal fundus sheet.
     folding: Lattice<1>,
 }
 
@@ -57,11 +57,11 @@ impl Phantom {
         let noise = ValueNoise::new(rng);
         let lo = BRAIN_AXES.map(|a| -a - 4.0);
         let hi = BRAIN_AXES.map(|a| a + 4.0);
-        let raw = |p: [f64; 3]| noise.fractal(p, GYRUS_WAVELENGTH, 2);
-        // Dividing by the mean gradient makes |f| about the distance to the nearest sulcus,
-        // so widths below are in mm whatever the noise's amplitude.
-        let grad = mean_gradient(&raw, rng);
-        let folding = Lattice::build(lo, hi, FOLDING_STEP, |p| [(raw(p) / grad) as f32]);
+        // Sulci run along the zero set of the noise; the lattice holds the distance to it.
+        let folding = Lattice::build(lo, hi, FOLDING_STEP, |p| {
+            [noise.fractal(p, GYRUS_WAVELENGTH, 2) as f32]
+        })
+        .distance_to_zero_set();
         Self {
             atrophy,
             contrast,
@@ -152,7 +152,7 @@ impl Phantom {
             return Tissue::CorticalGm;
         }
         if depth < a.sulcus_depth_mm + a.cortex_mm {
-            let f = self.folding.sample(q)[0].abs() as f64;
+            let f = self.folding.sample(q)[0] as f64;
             if f < a.sulcus_mm && depth < a.sulcus_depth_mm {
                 return Tissue::Csf;
             }
@@ -170,24 +170,6 @@ impl Anatomy for Phantom {
         let t = self.tissue(q);
         (t, self.contrast.of(t))
     }
-}
-
-fn mean_gradient(f: &impl Fn([f64; 3]) -> f64, rng: &mut impl Rng) -> f64 {
-    let h = 0.25;
-    let mut sum = 0.0;
-    let n = 400;
-    for _ in 0..n {
-        let p = BRAIN_AXES.map(|a| super::random::uniform(rng, -a, a));
-        let mut g2 = 0.0;
-        for ax in 0..3 {
-            let (mut lo, mut hi) = (p, p);
-            lo[ax] -= h;
-            hi[ax] += h;
-            g2 += ((f(hi) - f(lo)) / (2.0 * h)).powi(2);
-        }
-        sum += g2.sqrt();
-    }
-    (sum / n as f64).max(1e-6)
 }
 
 #[cfg(test)]
