@@ -45,9 +45,11 @@ impl Atrophy {
         let years = ((age - 20.0) / 70.0).clamp(0.0, 1.0);
         // Brain ageing is slow before 60 and faster after: a convex curve of age.
         let ageing = years.powf(1.6) * uniform(rng, 0.75, 1.25);
+        // Drawn for everyone, so a subject's later draws do not depend on the diagnosis.
+        let severity = uniform(rng, 0.8, 1.2);
         let ad = match diagnosis {
             Diagnosis::Cn => 0.0,
-            Diagnosis::Ad => uniform(rng, 0.8, 1.2),
+            Diagnosis::Ad => severity,
         };
         let load = ageing + 0.25 * ad;
         let baseline_ventricles = uniform(rng, 0.85, 1.15);

@@ -12,8 +12,11 @@ pub mod scanner;
 pub mod template;
 pub mod tumour;
 
+#[cfg(test)]
+mod tests;
+
 use crate::cli::{Cohort, SynthArgs};
-use crate::data::geometry::{apply, inverse};
+use crate::data::geometry::{Mat4, apply, inverse};
 use crate::data::manifest::ManifestRow;
 use crate::data::nifti::write::{Encoding, HeaderInfo, write_nifti_with};
 use anyhow::{Context, Result, bail, ensure};
@@ -33,6 +36,8 @@ use tumour::Tumour;
 pub struct Subject {
     pub plan: SubjectPlan,
     pub grid: SourceGrid,
+    /// World -> anatomy space, to find anatomy (ventricles, hippocampi) in the image.
+    pub world_to_anatomy: Mat4,
     /// Scanner units, NIfTI order (i fastest).
     pub image: Vec<f32>,
     /// BraTS labels on the same grid, for tumour subjects.
@@ -40,6 +45,45 @@ pub struct Subject {
     pub encoding: Encoding,
     /// sform code written (1 scanner or 2 aligned; the qform is always 1).
     pub sform_code: i16,
+}
+
+/// Where a subject's head sits and how it is scanned: drawn before any voxel is rendered, so
+/// tests and tools can know a subject's grid without generating it.
+pub struct SubjectGeometry {
+    pub atrophy: Atrophy,
+    /// World -> anatomy space (the inverse of the head's pose).
+    pub world_to_anatomy: Mat4,
+    pub grid: SourceGrid,
+    pub fields: SmoothFields,
+    /// Noise standard deviation (white-matter units) and scanner units per white matter.
+    pub noise: f32,
+    pub gain: f32,
+    pub sform_code: i16,
+}
+
+pub fn subject_geometry(seed: u64, cohort: Cohort, plan: &SubjectPlan) -> SubjectGeometry {
+    let key = cohort_key(cohort);
+    let mut anatomy_rng = subject_rng(seed, key, plan.index, "anatomy");
+    let atrophy = Atrophy::new(plan.age, plan.diagnosis, &mut anatomy_rng);
+    let pose = scanner::random_pose(plan.male, &mut anatomy_rng);
+    let world_to_anatomy = inverse(&pose).unwrap_or(crate::data::geometry::IDENTITY);
+    let fields = SmoothFields::random(&mut anatomy_rng);
+    let site = scanner::site(plan.site);
+    let mut scanner_rng = subject_rng(seed, key, plan.index, "scanner");
+    // The field of view centres a little below the brain centre, where the head's middle is.
+    let grid = scanner::random_grid(apply(&pose, [0.0, -5.0, -10.0]), &mut scanner_rng);
+    let noise = site.noise * uniform(&mut scanner_rng, 0.85, 1.15) as f32;
+    let gain = site.gain * uniform(&mut scanner_rng, 0.9, 1.1) as f32;
+    let sform_code = if scanner_rng.random_bool(0.5) { 1 } else { 2 };
+    SubjectGeometry {
+        atrophy,
+        world_to_anatomy,
+        grid,
+        fields,
+        noise,
+        gain,
+        sform_code,
+    }
 }
 
 /// Generates one subject. Pure: the same arguments give the same subject on any thread.
@@ -51,20 +95,8 @@ pub fn generate(
 ) -> Subject {
     let key = cohort_key(cohort);
     let stream = |purpose| subject_rng(seed, key, plan.index, purpose);
-    let mut anatomy_rng = stream("anatomy");
-    let atrophy = Atrophy::new(plan.age, plan.diagnosis, &mut anatomy_rng);
+    let geometry = subject_geometry(seed, cohort, plan);
     let site = scanner::site(plan.site);
-    let pose = scanner::random_pose(plan.male, &mut anatomy_rng);
-    let world_to_anatomy = inverse(&pose).unwrap_or(crate::data::geometry::IDENTITY);
-    let fields = SmoothFields::random(&mut anatomy_rng);
-
-    let mut scanner_rng = stream("scanner");
-    // The field of view centres a little below the brain centre, where the head's middle is.
-    let grid = scanner::random_grid(apply(&pose, [0.0, -5.0, -10.0]), &mut scanner_rng);
-    let noise = site.noise * uniform(&mut scanner_rng, 0.85, 1.15) as f32;
-    let gain = site.gain * uniform(&mut scanner_rng, 0.9, 1.1) as f32;
-    let sform_code = if scanner_rng.random_bool(0.5) { 1 } else { 2 };
-
     let tumour = plan.tumour.then(|| {
         let axes = phantom::BRAIN_AXES.map(|a| a * 0.92);
         let mut rng = stream("tumour");
@@ -78,36 +110,38 @@ pub fn generate(
     let template_anatomy;
     let anatomy: &dyn anatomy::Anatomy = match template {
         Some(t) => {
-            template_anatomy = TemplateAnatomy::new(t, atrophy, site.contrast);
+            template_anatomy = TemplateAnatomy::new(t, geometry.atrophy, site.contrast);
             &template_anatomy
         }
         None => {
-            phantom_anatomy = phantom::Phantom::new(atrophy, site.contrast, &mut anatomy_rng);
+            let mut rng = stream("phantom");
+            phantom_anatomy = phantom::Phantom::new(geometry.atrophy, site.contrast, &mut rng);
             &phantom_anatomy
         }
     };
     let scene = Scene {
-        grid: &grid,
-        world_to_anatomy,
-        fields: &fields,
+        grid: &geometry.grid,
+        world_to_anatomy: geometry.world_to_anatomy,
+        fields: &geometry.fields,
         anatomy,
         tumour: tumour.as_ref(),
-        noise,
+        noise: geometry.noise,
     };
     let Rendered { mut image, labels } = render::render(&scene, &mut stream("noise"));
     let mut max = 0.0f32;
     for v in &mut image {
-        *v *= gain;
+        *v *= geometry.gain;
         max = max.max(*v);
     }
-    let encoding = scanner::random_encoding(max, &mut scanner_rng);
+    let encoding = scanner::random_encoding(max, &mut stream("encoding"));
     Subject {
         plan: plan.clone(),
-        grid,
+        grid: geometry.grid,
+        world_to_anatomy: geometry.world_to_anatomy,
         image,
         labels,
         encoding,
-        sform_code,
+        sform_code: geometry.sform_code,
     }
 }
 
