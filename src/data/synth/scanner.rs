@@ -170,4 +170,21 @@ mod tests {
         }
         assert!(codes.len() > 15, "{codes:?}");
     }
+
+    #[test]
+    fn encodings_mix_float_int16_and_scaled_int16() {
+        let (mut float, mut plain, mut scaled) = (0, 0, 0);
+        for i in 0..60 {
+            match random_encoding(1400.0, &mut subject_rng(1, "t", i, "encoding")) {
+                Encoding::Float32 => float += 1,
+                Encoding::Int16 { slope: 1.0 } => plain += 1,
+                Encoding::Int16 { .. } => scaled += 1,
+                Encoding::UInt8 => unreachable!("images are never uint8"),
+            }
+        }
+        assert!(
+            float > 8 && plain > 8 && scaled > 8,
+            "{float} {plain} {scaled}"
+        );
+    }
 }

@@ -56,8 +56,8 @@ impl Template {
             crate::data::nifti::write::qform_matrix(&q, offset)
         } else {
             let mut m = IDENTITY;
-            for a in 0..3 {
-                m[a][a] = h.pixdim[a + 1].abs() as f64;
+            for (a, row) in m.iter_mut().take(3).enumerate() {
+                row[a] = h.pixdim[a + 1].abs() as f64;
             }
             m
         };
