@@ -1,17 +1,21 @@
 //! Anatomy from a real T1 (e.g. Colin27): the template is read once, its tissues estimated from
 //! intensity, and each subject warps it: ventricles expand, the medial temporal lobe and the
-//! brain shrink, the cortex thins (grey matter blends into CSF near the brain's edge).
+//! brain shrink, the cortex thins (grey matter blends into CSF near the brain's edge). The
+//! template must be in MNI space (Colin27, MNI152): the landmarks below are MNI coordinates.
 use super::anatomy::{Anatomy, Contrast, Tissue};
 use super::atrophy::Atrophy;
 use crate::data::geometry::{IDENTITY, Mat4, apply, inverse};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
-/// Landmarks in anatomy space (brain centre at the origin, MNI-like), shared with the phantom.
-const VENTRICLE_CENTRE: [f64; 3] = [8.0, 2.0, 10.0];
-const HIPPOCAMPUS_CENTRE: [f64; 3] = [28.0, -5.0, -21.0];
-const VENTRICLE_REACH_MM: f64 = 22.0;
-const HIPPOCAMPUS_REACH_MM: f64 = 12.0;
+/// Box (MNI mm) that holds the lateral and third ventricles: deep CSF inside it is ventricle.
+const VENTRICLE_BOX: [[f64; 2]; 3] = [[-32.0, 32.0], [-48.0, 32.0], [-6.0, 34.0]];
+/// Hippocampus centre (right side, MNI mm) and how far its shrinkage reaches.
+const HIPPOCAMPUS_MNI: [f64; 3] = [28.0, -22.0, -14.0];
+const HIPPOCAMPUS_REACH_MM: f64 = 11.0;
+/// How far (mm^2 per unit of volume growth) the ventricle walls move along the ventricle
+/// field's gradient: about 3 mm per wall for a doubled ventricle volume.
+const VENTRICLE_PUSH: f64 = 38.0;
 /// Normalised intensity thresholds between CSF, grey and white matter (white matter = 1).
 const CSF_BELOW: f32 = 0.45;
 const GM_BELOW: f32 = 0.82;
@@ -23,9 +27,9 @@ pub struct Template {
     world_to_voxel: Mat4,
     /// Brain centre in template world coordinates (foreground centroid).
     centre: [f64; 3],
-    signal: Vec<f32>,
-    /// Foreground mask box-blurred over ~7 mm: 1 deep inside, 0.5 at the edge, 0 outside.
-    inner: Vec<f32>,
+    /// Per voxel: signal, the foreground mask box-blurred over ~7 mm (1 deep inside, 0.5 at
+    /// the edge, 0 outside), and the ventricle mask blurred the same way.
+    channels: Vec<[f32; 3]>,
 }
 
 impl Template {
@@ -105,7 +109,7 @@ impl Template {
         // White matter is the brightest large class of a T1: its level sits high in the
         // foreground histogram.
         let wm = fg[fg.len() * 85 / 100].max(1e-6);
-        let signal = raw.iter().zip(&mask).map(|(v, m)| m * v / wm).collect();
+        let signal: Vec<f32> = raw.iter().zip(&mask).map(|(v, m)| m * v / wm).collect();
         let mut sum = [0.0f64; 3];
         let mut count = 0.0;
         for k in 0..dims[2] {
@@ -125,23 +129,40 @@ impl Template {
         let vox_mm = crate::data::geometry::voxel_sizes(&affine);
         let radius = vox_mm.map(|v| ((3.5 / v).round() as usize).max(1));
         let inner = box_blur(&mask, dims, radius);
+        let mut deep_csf = vec![0.0f32; signal.len()];
+        for k in 0..dims[2] {
+            for j in 0..dims[1] {
+                for i in 0..dims[0] {
+                    let at = i + dims[0] * (j + dims[1] * k);
+                    let w = apply(&affine, [i as f64, j as f64, k as f64]);
+                    let in_box =
+                        (0..3).all(|a| (VENTRICLE_BOX[a][0]..VENTRICLE_BOX[a][1]).contains(&w[a]));
+                    if in_box && signal[at] < CSF_BELOW && inner[at] > 0.97 {
+                        deep_csf[at] = 1.0;
+                    }
+                }
+            }
+        }
+        let ventricles = box_blur(&deep_csf, dims, radius);
+        let channels = (0..signal.len())
+            .map(|i| [signal[i], inner[i], ventricles[i]])
+            .collect();
         Ok(Self {
             dims,
             world_to_voxel,
             centre,
-            signal,
-            inner,
+            channels,
         })
     }
 
-    /// Trilinear samples of (signal, inner) at template world `p`; zero outside the grid.
-    fn sample(&self, p: [f64; 3]) -> (f32, f32) {
+    /// Trilinear samples of (signal, inner, ventricles) at template world `p`; zero outside.
+    fn sample(&self, p: [f64; 3]) -> [f32; 3] {
         let v = apply(&self.world_to_voxel, p);
         let mut base = [0usize; 3];
         let mut t = [0f32; 3];
         for a in 0..3 {
             if !(v[a] >= 0.0 && v[a] <= (self.dims[a] - 1) as f64) {
-                return (0.0, 0.0);
+                return [0.0; 3];
             }
             let b = (v[a] as usize).min(self.dims[a].saturating_sub(2));
             base[a] = b;
@@ -149,7 +170,7 @@ impl Template {
         }
         let (sx, sy, sz) = (1, self.dims[0], self.dims[0] * self.dims[1]);
         let at = base[0] + base[1] * sy + base[2] * sz;
-        let (mut s, mut m) = (0.0, 0.0);
+        let mut out = [0.0f32; 3];
         for (dx, dy, dz) in [
             (0, 0, 0),
             (1, 0, 0),
@@ -163,16 +184,17 @@ impl Template {
             let w = (if dx == 1 { t[0] } else { 1.0 - t[0] })
                 * (if dy == 1 { t[1] } else { 1.0 - t[1] })
                 * (if dz == 1 { t[2] } else { 1.0 - t[2] });
-            let idx = (at + dx * sx + dy * sy + dz * sz).min(self.signal.len() - 1);
-            s += w * self.signal[idx];
-            m += w * self.inner[idx];
+            let idx = (at + dx * sx + dy * sy + dz * sz).min(self.channels.len() - 1);
+            for (o, c) in out.iter_mut().zip(&self.channels[idx]) {
+                *o += w * c;
+            }
         }
-        (s, m)
+        out
     }
 
     /// Whether anatomy-space `q` lies well inside the template's brain.
     pub fn is_deep_inside(&self, q: [f64; 3]) -> bool {
-        self.sample(self.to_world(q)).1 > 0.99
+        self.sample(self.to_world(q))[1] > 0.99
     }
 
     fn to_world(&self, q: [f64; 3]) -> [f64; 3] {
@@ -226,24 +248,34 @@ impl<'a> TemplateAnatomy<'a> {
         }
     }
 
-    /// Where the subject's point `q` is read from in the template's anatomy space.
+    /// Where the subject's point `q` is read from, in template world coordinates.
     fn source_point(&self, q: [f64; 3]) -> [f64; 3] {
         let a = &self.atrophy;
-        let mut p = q.map(|v| v / a.brain_scale);
+        let t = self.template;
+        let mut p = t.to_world(q.map(|v| v / a.brain_scale));
+        // Ventricles grow by reading from further inside them: step up the ventricle field.
+        let growth = (a.ventricles[0] * a.ventricles[1] * a.ventricles[2]).cbrt() - 1.0;
+        if t.sample(p)[2] > 0.0 && growth > 0.0 {
+            let h = 1.0;
+            let mut grad = [0.0; 3];
+            for (ax, g) in grad.iter_mut().enumerate() {
+                let (mut lo, mut hi) = (p, p);
+                lo[ax] -= h;
+                hi[ax] += h;
+                *g = (t.sample(hi)[2] - t.sample(lo)[2]) as f64 / (2.0 * h);
+            }
+            for ax in 0..3 {
+                p[ax] += VENTRICLE_PUSH * growth * grad[ax];
+            }
+        }
         let side = if p[0] < 0.0 { -1.0 } else { 1.0 };
-        let grow = (a.ventricles[0] * a.ventricles[1] * a.ventricles[2]).cbrt();
-        p = radial_warp(p, mirror(VENTRICLE_CENTRE, side), VENTRICLE_REACH_MM, grow);
-        radial_warp(
-            p,
-            mirror(HIPPOCAMPUS_CENTRE, side),
-            HIPPOCAMPUS_REACH_MM,
-            a.hippocampus,
-        )
+        let hippocampus = [
+            HIPPOCAMPUS_MNI[0] * side,
+            HIPPOCAMPUS_MNI[1],
+            HIPPOCAMPUS_MNI[2],
+        ];
+        radial_warp(p, hippocampus, HIPPOCAMPUS_REACH_MM, a.hippocampus)
     }
-}
-
-fn mirror(c: [f64; 3], side: f64) -> [f64; 3] {
-    [c[0] * side, c[1], c[2]]
 }
 
 /// Scales the neighbourhood of `centre` by `scale` (> 1 grows what is there), fading out over
@@ -258,8 +290,7 @@ fn radial_warp(q: [f64; 3], centre: [f64; 3], reach: f64, scale: f64) -> [f64; 3
 
 impl Anatomy for TemplateAnatomy<'_> {
     fn sample(&self, q: [f64; 3]) -> (Tissue, f32) {
-        let p = self.source_point(q);
-        let (mut s, inner) = self.template.sample(self.template.to_world(p));
+        let [mut s, inner, ventricle] = self.template.sample(self.source_point(q));
         if inner <= 0.0 && s <= 0.0 {
             return (Tissue::Background, 0.0);
         }
@@ -275,11 +306,7 @@ impl Anatomy for TemplateAnatomy<'_> {
         }
         // Map the template's tissue levels onto the site's contrast.
         let tissue = if s < CSF_BELOW {
-            let side = [q[0].abs(), q[1], q[2]];
-            let d2: f64 = (0..3)
-                .map(|a| (side[a] - VENTRICLE_CENTRE[a]).powi(2))
-                .sum();
-            if d2 < VENTRICLE_REACH_MM.powi(2) {
+            if ventricle > 0.5 {
                 Tissue::Ventricle
             } else {
                 Tissue::Csf

@@ -6,6 +6,7 @@ use super::cohort::plan_subject;
 use super::phantom::BRAIN_AXES;
 use super::*;
 use crate::data::geometry::mul;
+use std::path::Path;
 
 /// Voxels whose anatomy-space position satisfies `region`, and a white-matter level (90th
 /// percentile inside the central brain) to normalise them by.
@@ -115,4 +116,36 @@ fn tumour_labels_mark_exactly_where_the_image_changed() {
     );
     let labelled: usize = sums.values().map(|s| s.1).sum();
     assert!(changed_inside as f64 > 0.9 * labelled as f64);
+}
+
+const COLIN27: &str = "/usr/share/mricron/templates/ch2bet.nii.gz";
+
+#[test]
+fn template_subjects_carry_age_diagnosis_and_tumours_too() {
+    let path = Path::new(COLIN27);
+    assert!(
+        path.exists(),
+        "{COLIN27} is missing: run scripts/setup.sh (Debian package mricron-data)"
+    );
+    let template = Template::load(path).expect("Colin27 loads");
+    let mut plan = plan_subject(3, Cohort::Clinical, 2, 0.0);
+    plan.diagnosis = Diagnosis::Cn;
+    plan.age = 55.0;
+    let young = generate(3, Cohort::Clinical, &plan, Some(&template));
+    plan.age = 90.0;
+    plan.diagnosis = Diagnosis::Ad;
+    plan.tumour = true;
+    let old = generate(3, Cohort::Clinical, &plan, Some(&template));
+    let (y, o) = (
+        dark_fraction(&young, inner_brain),
+        dark_fraction(&old, inner_brain),
+    );
+    eprintln!("template dark fraction young CN {y:.4}, old AD {o:.4}");
+    assert!(o > 1.2 * y, "dark fraction young CN {y:.4}, old AD {o:.4}");
+    let labels = old.labels.as_ref().expect("labels");
+    let mut present = [false; 5];
+    for &l in labels {
+        present[l as usize] = true;
+    }
+    assert!(present[1] && present[2] && present[4], "{present:?}");
 }
