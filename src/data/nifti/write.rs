@@ -437,6 +437,20 @@ mod tests {
     }
 
     #[test]
+    fn plain_nii_is_not_compressed_and_labels_stay_uint8() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("labels.nii");
+        let labels = [0.0, 1.0, 2.0, 4.0, 0.0, 4.0];
+        let affine = oblique_lia();
+        write_nifti(&path, [3, 2, 1], &labels, &affine, Encoding::UInt8).expect("write");
+        let bytes = std::fs::read(&path).expect("read back");
+        assert_eq!(bytes.len(), VOX_OFFSET + labels.len());
+        assert_eq!(&bytes[344..348], b"n+1\0");
+        assert_eq!(&bytes[VOX_OFFSET..], &[0, 1, 2, 4, 0, 4]);
+        assert_eq!(i16::from_le_bytes([bytes[70], bytes[71]]), 2);
+    }
+
+    #[test]
     fn values_that_do_not_fit_are_errors() {
         let affine = crate::data::geometry::IDENTITY;
         let info = HeaderInfo::default();
