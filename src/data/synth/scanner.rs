@@ -15,7 +15,7 @@ pub struct SourceGrid {
 }
 
 /// Field of view along world x, y, z that covers the head with a margin, mm.
-const FOV_MM: [f64; 3] = [180.0, 222.0, 200.0];
+const FOV_MM: [f64; 3] = [190.0, 228.0, 190.0];
 
 /// A grid around `centre` (world mm): voxel sizes 0.9-1.5 mm (one axis often coarser, like
 /// a thick-slice acquisition), any of the 48 axis orders and flips, and in a quarter of the

@@ -149,3 +149,34 @@ fn template_subjects_carry_age_diagnosis_and_tumours_too() {
     }
     assert!(present[1] && present[2] && present[4], "{present:?}");
 }
+
+#[test]
+fn every_field_of_view_holds_the_whole_head() {
+    // Head = brain + CSF, skull and scalp (15 mm), plus 4 mm for the smooth deformation; the
+    // neck below the skull base may be cut, as scanners do.
+    let head = BRAIN_AXES.map(|a| a + 19.0);
+    for i in 0..40 {
+        let plan = plan_subject(8, Cohort::Healthy, i, 0.0);
+        let g = subject_geometry(8, Cohort::Healthy, &plan);
+        let m = mul(&g.world_to_anatomy, &g.grid.affine);
+        let [nx, ny, nz] = g.grid.dims.map(|d| d as f64 - 1.0);
+        let steps = 24;
+        for a in 0..=steps {
+            for b in 0..=steps {
+                let (s, t) = (a as f64 / steps as f64, b as f64 / steps as f64);
+                for v in [
+                    [0.0, s * ny, t * nz],
+                    [nx, s * ny, t * nz],
+                    [s * nx, 0.0, t * nz],
+                    [s * nx, ny, t * nz],
+                    [s * nx, t * ny, 0.0],
+                    [s * nx, t * ny, nz],
+                ] {
+                    let q = apply(&m, v);
+                    let rho: f64 = (0..3).map(|k| (q[k] / head[k]).powi(2)).sum();
+                    assert!(rho > 1.0 || q[2] < -55.0, "{}: head cut at {q:?}", plan.id);
+                }
+            }
+        }
+    }
+}
