@@ -40,6 +40,11 @@ const DEEP_GM: [([f64; 3], [f64; 3]); 3] = [
     ([24.0, 16.0, -5.0], [5.5, 13.0, 9.0]),
     ([13.0, 24.0, 8.0], [4.5, 10.0, 8.0]),
 ];
+/// Cerebellum centre and semi-axes, mm (about 100 x 56 x 36 mm).
+const CEREBELLUM: ([f64; 3], [f64; 3]) = ([0.0, -50.0, -40.0], [50.0, 28.0, 18.0]);
+/// Thickness of the CSF sheet between cerebrum and cerebellum, and the folium period, mm.
+const TENTORIUM_MM: f64 = 2.0;
+const FOLIUM_MM: f64 = 6.0;
 const VENTRICLE: ([f64; 3], [f64; 3]) = ([8.0, 2.0, 10.0], [5.5, 22.0, 7.5]);
 const HIPPOCAMPUS: ([f64; 3], [f64; 3]) = ([28.0, -5.0, -21.0], [6.5, 16.0, 6.0]);
 /// Height above which the interhemispheric fissure cuts down (above the corpus callosum).
@@ -83,15 +88,32 @@ impl Phantom {
         let surface = if rho > 1e-9 { r / rho } else { f64::INFINITY };
         let outside = r - surface;
         let depth = surface * a.brain_scale - r;
+        // The cerebellum: its own ellipsoid under the occipital lobe, with its own surface.
+        let c = [q[0], q[1] - CEREBELLUM.0[1], q[2] - CEREBELLUM.0[2]];
+        let rc = (c[0] * c[0] + c[1] * c[1] + c[2] * c[2]).sqrt();
+        let rho_c = (0..3)
+            .map(|k| (c[k] / CEREBELLUM.1[k]).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let surface_c = if rho_c > 1e-9 {
+            rc / rho_c
+        } else {
+            f64::INFINITY
+        };
+        let depth_c = surface_c * a.brain_scale - rc;
+        let outside = outside.min(rc - surface_c);
         let in_stem = q[2] < -20.0 && q[2] > -95.0 && q[0] * q[0] + (q[1] + 14.0).powi(2) < 81.0;
-        if in_stem && depth < 8.0 {
+        if in_stem && depth.max(depth_c) < 8.0 {
             return Tissue::Wm;
         }
         if outside > OUTER_CSF_MM + SKULL_MM + SCALP_MM {
             return Tissue::Background;
         }
-        if depth <= 0.0 {
-            return if outside < OUTER_CSF_MM {
+        if depth_c > 0.0 {
+            return cerebellar_tissue(c, rc, depth_c);
+        }
+        if depth <= 0.0 || depth_c > -TENTORIUM_MM {
+            return if outside < OUTER_CSF_MM || depth > 0.0 {
                 Tissue::Csf
             } else if outside < OUTER_CSF_MM + SKULL_MM {
                 Tissue::Skull
@@ -160,6 +182,23 @@ impl Phantom {
                 return Tissue::CorticalGm;
             }
         }
+        Tissue::Wm
+    }
+}
+
+/// Folia: thin grey-matter leaves around white-matter branches, as concentric shells about
+/// 3 mm thick, wobbling with the lateral position, and a white-matter core.
+fn cerebellar_tissue(c: [f64; 3], rc: f64, depth: f64) -> Tissue {
+    if depth < 1.2 {
+        return Tissue::CorticalGm;
+    }
+    if depth > 12.0 {
+        return Tissue::Wm;
+    }
+    let phase = std::f64::consts::TAU * rc / FOLIUM_MM + 0.8 * (c[0] / 9.0).sin() + c[1] / 7.0;
+    if phase.sin() > -0.3 {
+        Tissue::CorticalGm
+    } else {
         Tissue::Wm
     }
 }
