@@ -1,7 +1,10 @@
 //! `mtx-hpc synth` end to end: the built binary, byte-identical output per seed, refusing to
 //! overwrite, and files that nibabel reads with the geometry, types and scaling we intended.
 use mtx_hpc::cli::Cohort;
+use mtx_hpc::data::nifti::write::{Encoding, write_nifti};
 use mtx_hpc::data::synth::cohort::plan_subject;
+use mtx_hpc::data::synth::random::subject_rng;
+use mtx_hpc::data::synth::scanner::random_grid;
 use mtx_hpc::data::synth::subject_geometry;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -210,4 +213,59 @@ fn nibabel_reads_what_we_meant_to_write() {
         String::from_utf8_lossy(&run.stderr)
     );
     eprintln!("{}", String::from_utf8_lossy(&run.stdout));
+}
+
+const QFORM_CHECK: &str = r#"
+import json, sys, os
+import numpy as np, nibabel as nib
+folder, intended = sys.argv[1], json.load(open(sys.argv[2]))
+codes = set()
+for name, aff in intended.items():
+    img = nib.load(os.path.join(folder, name))
+    aff = np.array(aff)
+    assert np.allclose(img.affine, aff, atol=1e-4), (name, img.affine, aff)
+    assert np.allclose(img.get_qform(), aff, atol=1e-3), (name, img.get_qform(), aff)
+    codes.add("".join(nib.aff2axcodes(aff)))
+assert len(codes) > 20, codes
+print(len(intended), "affines,", len(codes), "orientations")
+"#;
+
+#[test]
+fn nibabel_rebuilds_every_kind_of_random_affine_from_the_qform() {
+    assert!(
+        Path::new(PYTHON).exists(),
+        "{PYTHON} is missing: run scripts/setup.sh to create the Python environment the tests need"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut intended = serde_json::Map::new();
+    for i in 0..150 {
+        let grid = random_grid(
+            [0.0, -20.0, 0.0],
+            &mut subject_rng(2, "qform", i, "scanner"),
+        );
+        let name = format!("g{i:03}.nii");
+        write_nifti(
+            &tmp.path().join(&name),
+            [2, 2, 2],
+            &[0.0; 8],
+            &grid.affine,
+            Encoding::Float32,
+        )
+        .expect("write");
+        intended.insert(name, serde_json::json!(grid.affine));
+    }
+    let spec = tmp.path().join("intended.json");
+    std::fs::write(&spec, serde_json::Value::Object(intended).to_string()).expect("write json");
+    let run = Command::new(PYTHON)
+        .args(["-c", QFORM_CHECK])
+        .arg(tmp.path())
+        .arg(&spec)
+        .output()
+        .expect("python runs");
+    assert!(
+        run.status.success(),
+        "qform check failed:\n{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
 }
