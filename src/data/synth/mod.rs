@@ -71,7 +71,10 @@ pub fn subject_geometry(seed: u64, cohort: Cohort, plan: &SubjectPlan) -> Subjec
     let site = scanner::site(plan.site);
     let mut scanner_rng = subject_rng(seed, key, plan.index, "scanner");
     // The field of view centres a little below the brain centre, where the head's middle is.
-    let grid = scanner::random_grid(apply(&pose, [0.0, -3.0, -6.0]), &mut scanner_rng);
+    let grid = scanner::random_grid(
+        apply(&pose, template::PHANTOM_HEAD_MIDDLE),
+        &mut scanner_rng,
+    );
     let noise = site.noise * uniform(&mut scanner_rng, 0.85, 1.15) as f32;
     let gain = site.gain * uniform(&mut scanner_rng, 0.9, 1.1) as f32;
     let sform_code = if scanner_rng.random_bool(0.5) { 1 } else { 2 };

@@ -8,6 +8,8 @@ use crate::data::geometry::{IDENTITY, Mat4, apply, inverse};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
+/// Where the phantom's head middle sits in anatomy space (the field of view's centre).
+pub const PHANTOM_HEAD_MIDDLE: [f64; 3] = [0.0, -3.0, -6.0];
 /// Box (MNI mm) that holds the lateral and third ventricles: deep CSF inside it is ventricle.
 const VENTRICLE_BOX: [[f64; 2]; 3] = [[-32.0, 32.0], [-48.0, 32.0], [-6.0, 34.0]];
 /// Hippocampus centre (right side, MNI mm) and how far its shrinkage reaches.
@@ -25,7 +27,7 @@ const GM_BELOW: f32 = 0.82;
 pub struct Template {
     dims: [usize; 3],
     world_to_voxel: Mat4,
-    /// Brain centre in template world coordinates (foreground centroid).
+    /// Template world position of the anatomy-space origin.
     centre: [f64; 3],
     /// Per voxel: signal, the foreground mask box-blurred over ~7 mm (1 deep inside, 0.5 at
     /// the edge, 0 outside), and the ventricle mask blurred the same way.
@@ -110,22 +112,23 @@ impl Template {
         // foreground histogram.
         let wm = fg[fg.len() * 85 / 100].max(1e-6);
         let signal: Vec<f32> = raw.iter().zip(&mask).map(|(v, m)| m * v / wm).collect();
-        let mut sum = [0.0f64; 3];
-        let mut count = 0.0;
+        let (mut lo, mut hi) = ([f64::INFINITY; 3], [f64::NEG_INFINITY; 3]);
         for k in 0..dims[2] {
             for j in 0..dims[1] {
                 for i in 0..dims[0] {
                     if mask[i + dims[0] * (j + dims[1] * k)] > 0.0 {
                         let w = apply(&affine, [i as f64, j as f64, k as f64]);
                         for a in 0..3 {
-                            sum[a] += w[a];
+                            lo[a] = lo[a].min(w[a]);
+                            hi[a] = hi[a].max(w[a]);
                         }
-                        count += 1.0;
                     }
                 }
             }
         }
-        let centre = sum.map(|s| s / count);
+        // The scanner centres its field of view at anatomy (0, -3, -6), the middle of the
+        // phantom's head: put the template's foreground box (brain or whole head) there.
+        let centre = [0, 1, 2].map(|a| 0.5 * (lo[a] + hi[a]) - PHANTOM_HEAD_MIDDLE[a]);
         let vox_mm = crate::data::geometry::voxel_sizes(&affine);
         let radius = vox_mm.map(|v| ((3.5 / v).round() as usize).max(1));
         let inner = box_blur(&mask, dims, radius);
