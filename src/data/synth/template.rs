@@ -69,7 +69,7 @@ impl Template {
         };
         let world_to_voxel =
             inverse(&affine).with_context(|| format!("{}: singular affine", path.display()))?;
-        let volume = obj
+        let mut volume = obj
             .into_volume()
             .into_ndarray::<f32>()
             .with_context(|| format!("{}: cannot decode voxels", path.display()))?;
@@ -81,16 +81,11 @@ impl Template {
             );
         }
         let dims = [shape[0], shape[1], shape[2]];
-        let mut raw = Vec::with_capacity(dims.iter().product());
-        for k in 0..dims[2] {
-            for j in 0..dims[1] {
-                for i in 0..dims[0] {
-                    let mut idx = vec![i, j, k];
-                    idx.resize(shape.len(), 0);
-                    raw.push(volume[idx.as_slice()]);
-                }
-            }
+        while volume.ndim() > 3 {
+            volume = volume.index_axis_move(ndarray::Axis(3), 0);
         }
+        // The transpose iterates with the first index fastest: NIfTI order.
+        let raw: Vec<f32> = volume.t().iter().copied().collect();
         if raw.iter().any(|v| !v.is_finite()) {
             bail!("{}: template holds NaN or infinite voxels", path.display());
         }
@@ -98,8 +93,7 @@ impl Template {
         if sorted.len() < 1000 {
             bail!("{}: template has almost no foreground", path.display());
         }
-        sorted.sort_by(f32::total_cmp);
-        let high = sorted[sorted.len() * 99 / 100];
+        let high = *percentile(&mut sorted, 0.99);
         let mask: Vec<f32> = raw.iter().map(|&v| f32::from(v > 0.08 * high)).collect();
         let mut fg: Vec<f32> = raw
             .iter()
@@ -107,10 +101,9 @@ impl Template {
             .filter(|(_, m)| **m > 0.0)
             .map(|(v, _)| *v)
             .collect();
-        fg.sort_by(f32::total_cmp);
         // White matter is the brightest large class of a T1: its level sits high in the
         // foreground histogram.
-        let wm = fg[fg.len() * 85 / 100].max(1e-6);
+        let wm = percentile(&mut fg, 0.85).max(1e-6);
         let signal: Vec<f32> = raw.iter().zip(&mask).map(|(v, m)| m * v / wm).collect();
         let (mut lo, mut hi) = ([f64::INFINITY; 3], [f64::NEG_INFINITY; 3]);
         for k in 0..dims[2] {
@@ -205,6 +198,11 @@ impl Template {
     }
 }
 
+fn percentile(values: &mut [f32], q: f64) -> &f32 {
+    let at = ((values.len() - 1) as f64 * q) as usize;
+    values.select_nth_unstable_by(at, f32::total_cmp).1
+}
+
 /// Separable box blur with the given radius per axis (voxels), edges clamped.
 fn box_blur(data: &[f32], dims: [usize; 3], radius: [usize; 3]) -> Vec<f32> {
     let mut cur = data.to_vec();
@@ -258,7 +256,10 @@ impl<'a> TemplateAnatomy<'a> {
         let mut p = t.to_world(q.map(|v| v / a.brain_scale));
         // Ventricles grow by reading from further inside them: step up the ventricle field.
         let growth = (a.ventricles[0] * a.ventricles[1] * a.ventricles[2]).cbrt() - 1.0;
-        if t.sample(p)[2] > 0.0 && growth > 0.0 {
+        // The ventricle field is zero beyond its blur outside the box: skip the lookups there.
+        let near_ventricles =
+            (0..3).all(|k| p[k] > VENTRICLE_BOX[k][0] - 8.0 && p[k] < VENTRICLE_BOX[k][1] + 8.0);
+        if near_ventricles && growth > 0.0 && t.sample(p)[2] > 0.0 {
             let h = 1.0;
             let mut grad = [0.0; 3];
             for (ax, g) in grad.iter_mut().enumerate() {
@@ -286,6 +287,10 @@ impl<'a> TemplateAnatomy<'a> {
 fn radial_warp(q: [f64; 3], centre: [f64; 3], reach: f64, scale: f64) -> [f64; 3] {
     let d = [0, 1, 2].map(|a| q[a] - centre[a]);
     let r2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
+    if r2 > 9.0 * reach * reach {
+        // exp(-9): the warp has faded to nothing.
+        return q;
+    }
     let w = (-r2 / (reach * reach)).exp();
     let f = 1.0 + (1.0 / scale - 1.0) * w;
     [0, 1, 2].map(|a| centre[a] + d[a] * f)
