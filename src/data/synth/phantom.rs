@@ -22,6 +22,10 @@ struct Ellipsoid {
 }
 
 impl Ellipsoid {
+    const fn new(centre: [f64; 3], axes: [f64; 3]) -> Self {
+        Self { centre, axes }
+    }
+
     /// Squared normalised radius: < 1 inside.
     #[inline]
     fn rho2(&self, q: [f64; 3], scale: [f64; 3]) -> f64 {
@@ -35,18 +39,19 @@ impl Ellipsoid {
 }
 
 /// Deep grey-matter nuclei, one side (mirrored): thalamus, putamen, caudate head.
-const DEEP_GM: [([f64; 3], [f64; 3]); 3] = [
-    ([10.0, -3.0, 1.0], [8.0, 13.0, 8.0]),
-    ([24.0, 16.0, -5.0], [5.5, 13.0, 9.0]),
-    ([13.0, 24.0, 8.0], [4.5, 10.0, 8.0]),
+const DEEP_GM: [Ellipsoid; 3] = [
+    Ellipsoid::new([10.0, -3.0, 1.0], [8.0, 13.0, 8.0]),
+    Ellipsoid::new([24.0, 16.0, -5.0], [5.5, 13.0, 9.0]),
+    Ellipsoid::new([13.0, 24.0, 8.0], [4.5, 10.0, 8.0]),
 ];
 /// Cerebellum centre and semi-axes, mm (about 100 x 56 x 36 mm).
-const CEREBELLUM: ([f64; 3], [f64; 3]) = ([0.0, -50.0, -40.0], [50.0, 28.0, 18.0]);
+const CEREBELLUM: Ellipsoid = Ellipsoid::new([0.0, -50.0, -40.0], [50.0, 28.0, 18.0]);
 /// Thickness of the CSF sheet between cerebrum and cerebellum, and the folium period, mm.
 const TENTORIUM_MM: f64 = 2.0;
 const FOLIUM_MM: f64 = 6.0;
-const VENTRICLE: ([f64; 3], [f64; 3]) = ([8.0, 2.0, 10.0], [5.5, 22.0, 7.5]);
-const HIPPOCAMPUS: ([f64; 3], [f64; 3]) = ([28.0, -5.0, -21.0], [6.5, 16.0, 6.0]);
+/// Right lateral ventricle and hippocampus (mirrored for the left).
+const VENTRICLE: Ellipsoid = Ellipsoid::new([8.0, 2.0, 10.0], [5.5, 22.0, 7.5]);
+const HIPPOCAMPUS: Ellipsoid = Ellipsoid::new([28.0, -5.0, -21.0], [6.5, 16.0, 6.0]);
 /// Height above which the interhemispheric fissure cuts down (above the corpus callosum).
 const FISSURE_FLOOR_Z: f64 = 24.0;
 
@@ -89,10 +94,10 @@ impl Phantom {
         let outside = r - surface;
         let depth = surface * a.brain_scale - r;
         // The cerebellum: its own ellipsoid under the occipital lobe, with its own surface.
-        let c = [q[0], q[1] - CEREBELLUM.0[1], q[2] - CEREBELLUM.0[2]];
+        let c = [0, 1, 2].map(|k| q[k] - CEREBELLUM.centre[k]);
         let rc = (c[0] * c[0] + c[1] * c[1] + c[2] * c[2]).sqrt();
         let rho_c = (0..3)
-            .map(|k| (c[k] / CEREBELLUM.1[k]).powi(2))
+            .map(|k| (c[k] / CEREBELLUM.axes[k]).powi(2))
             .sum::<f64>()
             .sqrt();
         let surface_c = if rho_c > 1e-9 {
@@ -123,12 +128,7 @@ impl Phantom {
         }
         let side = [q[0].abs(), q[1], q[2]];
         let one = [1.0; 3];
-        let (vc, va) = VENTRICLE;
-        let ventricle = Ellipsoid {
-            centre: vc,
-            axes: va,
-        };
-        if side[0] > 1.0 && ventricle.rho2(side, a.ventricles) < 1.0 {
+        if side[0] > 1.0 && VENTRICLE.rho2(side, a.ventricles) < 1.0 {
             return Tissue::Ventricle;
         }
         if side[0] < 1.2 * a.ventricles[0]
@@ -137,12 +137,7 @@ impl Phantom {
         {
             return Tissue::Ventricle;
         }
-        let (hc, ha) = HIPPOCAMPUS;
-        let hippocampus = Ellipsoid {
-            centre: hc,
-            axes: ha,
-        };
-        let h = hippocampus.rho2(side, one);
+        let h = HIPPOCAMPUS.rho2(side, one);
         if h < 1.1 * 1.1 {
             return if h < a.hippocampus * a.hippocampus {
                 Tissue::Hippocampus
@@ -151,14 +146,8 @@ impl Phantom {
                 Tissue::Csf
             };
         }
-        for (c, ax) in DEEP_GM {
-            if (Ellipsoid {
-                centre: c,
-                axes: ax,
-            })
-            .rho2(side, one)
-                < 1.0
-            {
+        for nucleus in &DEEP_GM {
+            if nucleus.rho2(side, one) < 1.0 {
                 return Tissue::DeepGm;
             }
         }
