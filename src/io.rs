@@ -52,6 +52,15 @@ impl AtomicFile {
 
     /// Flushes the temporary file to disk and renames it onto the target.
     pub fn commit(self) -> Result<()> {
+        // Temporary files are created owner-only; the result should be readable like any
+        // file the user would create (0666 less the umask, as `open(2)` would give).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = 0o666 & !current_umask();
+            std::fs::set_permissions(&self.tmp, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("{}: cannot set permissions", self.tmp.display()))?;
+        }
         File::open(&self.tmp)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("{}: fsync failed", self.tmp.display()))?;
@@ -72,6 +81,19 @@ pub fn write_atomic(target: &Path, bytes: &[u8], overwrite: bool) -> Result<()> 
         .and_then(|mut f| f.write_all(bytes))
         .with_context(|| format!("{}: write failed", file.path().display()))?;
     file.commit()
+}
+
+/// The process umask, read without changing it (from /proc; 0o022 when unavailable).
+#[cfg(unix)]
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -101,4 +123,28 @@ pub fn file_checksum(path: &Path) -> Result<String> {
 /// BLAKE3 of bytes already in memory, as hex.
 pub fn bytes_checksum(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_file_is_readable_by_others_and_uncommitted_vanishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.bin");
+        write_atomic(&target, b"abc", false).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+            assert_eq!(mode & 0o644, 0o644 & !current_umask(), "mode {mode:o}");
+        }
+        assert!(write_atomic(&target, b"xyz", false).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"abc");
+        let pending = AtomicFile::new(&dir.path().join("b.bin"), false).unwrap();
+        std::fs::write(pending.path(), b"half").unwrap();
+        drop(pending);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 }
