@@ -105,7 +105,8 @@ mod tests {
         for k in 0..3 {
             assert!((p[k] - q[k]).abs() < 1e-9, "{p:?} != {q:?}");
         }
-        assert_eq!(axcodes(&m), "PRS");
+        // Voxel axis 0 points mostly to +y (A), axis 1 to -x (L), axis 2 to +z (S).
+        assert_eq!(axcodes(&m), "ALS");
     }
 
     #[test]

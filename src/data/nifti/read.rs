@@ -189,7 +189,10 @@ pub fn read_raw(path: &Path, volume: Option<usize>) -> Result<RawImage> {
             n - 1
         ),
         (n, Some(k)) if k >= n => {
-            bail!("{name}: --volume {k} is out of range: the image has {n} volumes (0..{})", n - 1)
+            bail!(
+                "{name}: --volume {k} is out of range: the image has {n} volumes (0..{})",
+                n - 1
+            )
         }
         (_, Some(k)) => k,
     };
@@ -234,7 +237,11 @@ pub fn read_raw(path: &Path, volume: Option<usize>) -> Result<RawImage> {
     }
     check_affine(path, &affine, affine_source)?;
     let scale = (header.scl_slope != 0.0 && header.scl_slope.is_finite()).then(|| {
-        let inter = if header.scl_inter.is_finite() { header.scl_inter } else { 0.0 };
+        let inter = if header.scl_inter.is_finite() {
+            header.scl_inter
+        } else {
+            0.0
+        };
         (header.scl_slope, inter)
     });
     let big_endian = header.endianness == nifti::Endianness::Big;
@@ -316,7 +323,11 @@ fn raw_value(bytes: &[u8], dtype: Dtype, big: bool, idx: usize) -> f32 {
         ($t:ty, $n:expr) => {{
             let mut arr = [0u8; $n];
             arr.copy_from_slice(&bytes[idx * $n..idx * $n + $n]);
-            (if big { <$t>::from_be_bytes(arr) } else { <$t>::from_le_bytes(arr) }) as f32
+            (if big {
+                <$t>::from_be_bytes(arr)
+            } else {
+                <$t>::from_le_bytes(arr)
+            }) as f32
         }};
     }
     match dtype {
@@ -386,7 +397,10 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<NiftiHeader> {
     }
     let magic = &bytes[344..348];
     if magic != b"n+1\0" && magic != b"ni1\0" {
-        bail!("{name}: not a NIfTI-1 file (bad magic {:?})", String::from_utf8_lossy(magic));
+        bail!(
+            "{name}: not a NIfTI-1 file (bad magic {:?})",
+            String::from_utf8_lossy(magic)
+        );
     }
     NiftiHeader::from_reader(&bytes[..HEADER_SIZE])
         .map_err(|e| anyhow::anyhow!("{name}: invalid NIfTI header ({e})"))
@@ -484,7 +498,12 @@ pub fn pick_affine(h: &NiftiHeader) -> (Mat4, AffineSource) {
 
 pub fn sform_affine(h: &NiftiHeader) -> Mat4 {
     let row = |r: &[f32; 4]| r.map(f64::from);
-    [row(&h.srow_x), row(&h.srow_y), row(&h.srow_z), [0.0, 0.0, 0.0, 1.0]]
+    [
+        row(&h.srow_x),
+        row(&h.srow_y),
+        row(&h.srow_z),
+        [0.0, 0.0, 0.0, 1.0],
+    ]
 }
 
 /// The qform from its quaternion (b, c, d; a recovered from unit length), the voxel sizes and
@@ -505,9 +524,21 @@ pub fn qform_affine(h: &NiftiHeader) -> Mat4 {
         (1.0 - sq).sqrt()
     };
     let r = [
-        [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
-        [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
-        [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - b * b - c * c],
+        [
+            a * a + b * b - c * c - d * d,
+            2.0 * (b * c - a * d),
+            2.0 * (b * d + a * c),
+        ],
+        [
+            2.0 * (b * c + a * d),
+            a * a + c * c - b * b - d * d,
+            2.0 * (c * d - a * b),
+        ],
+        [
+            2.0 * (b * d - a * c),
+            2.0 * (c * d + a * b),
+            a * a + d * d - b * b - c * c,
+        ],
     ];
     let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
     let s = [
@@ -546,7 +577,10 @@ fn image_file_of(hdr: &Path) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("{}: header found but its data file {stem}.img is missing", hdr.display())
+    bail!(
+        "{}: header found but its data file {stem}.img is missing",
+        hdr.display()
+    )
 }
 
 /// Text summary of a NIfTI file for `mtx-hpc inspect`.
@@ -565,11 +599,19 @@ pub fn describe(path: &Path) -> Result<String> {
         raw.dtype.name(),
         h.datatype,
         h.bitpix,
-        if raw.big_endian { "big-endian" } else { "little-endian" }
+        if raw.big_endian {
+            "big-endian"
+        } else {
+            "little-endian"
+        }
     );
     let _ = writeln!(s, "  dim: {:?}", &h.dim[..=ndim]);
     let _ = writeln!(s, "  pixdim: {:?}", &h.pixdim[..=ndim]);
-    let _ = writeln!(s, "  scl_slope: {}, scl_inter: {}", h.scl_slope, h.scl_inter);
+    let _ = writeln!(
+        s,
+        "  scl_slope: {}, scl_inter: {}",
+        h.scl_slope, h.scl_inter
+    );
     let _ = writeln!(s, "  description: {:?}", descrip.trim_end_matches('\0'));
     let _ = writeln!(s, "  qform_code: {}", h.qform_code);
     if h.qform_code > 0 {
@@ -592,7 +634,11 @@ pub fn describe(path: &Path) -> Result<String> {
         raw.dims[0],
         raw.dims[1],
         raw.dims[2],
-        if ndim > 3 { format!(" (4-D: {:?}; volume 0 shown)", &h.dim[4..=ndim]) } else { String::new() }
+        if ndim > 3 {
+            format!(" (4-D: {:?}; volume 0 shown)", &h.dim[4..=ndim])
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         s,
