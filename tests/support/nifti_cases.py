@@ -5,6 +5,7 @@
     python nifti_cases.py labels OUTDIR    image + BraTS-like label map, one 1-voxel label
     python nifti_cases.py grid OUTDIR      a volume already on the 2 mm world grid
     python nifti_cases.py bad OUTDIR       broken files for the error messages
+    python nifti_cases.py reorient IN CODES OUT   IN rewritten in another voxel orientation
 
 Each case samples a function of world coordinates through its own affine, so the expected
 world position of every feature is known whatever the voxel order.
@@ -241,7 +242,25 @@ def bad(out):
     nib.save(pair, os.path.join(out, "pair.hdr"))
 
 
-if __name__ == "__main__":
+def reorient(src, codes, out):
+    """Rewrites `src` with its voxels stored in orientation `codes` (e.g. PIR): data flipped
+    and transposed, affine adjusted, so the world content is unchanged."""
+    img = nib.load(src)
+    cur = nib.orientations.io_orientation(img.affine)
+    want = nib.orientations.axcodes2ornt(tuple(codes))
+    xform = nib.orientations.ornt_transform(cur, want)
+    data = nib.orientations.apply_orientation(np.asanyarray(img.dataobj), xform)
+    aff = img.affine @ nib.orientations.inv_ornt_aff(xform, img.shape)
+    new = nib.Nifti1Image(data.astype(img.get_data_dtype()), aff)
+    new.set_qform(aff, code=1)
+    new.set_sform(aff, code=1)
+    nib.save(new, out)
+    assert "".join(nib.aff2axcodes(nib.load(out).affine)) == codes
+
+
+if __name__ == "__main__" and sys.argv[1] == "reorient":
+    reorient(*sys.argv[2:5])
+elif __name__ == "__main__":
     kind, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
     {"orient": orient, "ramp": ramp, "labels": labels, "grid": grid, "bad": bad}[kind](out)

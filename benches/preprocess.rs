@@ -1,0 +1,91 @@
+//! Seconds per subject for `prepare_subject` (read, reorient + resample to 2 mm, place in the
+//! 96 x 114 x 96 grid, normalise) on Colin27 and a synthetic int16 256^3 LIA volume with a
+//! scale slope, median of several runs; the nibabel + scipy baseline runs beside it.
+//!
+//!     RAYON_NUM_THREADS=1 cargo bench --bench preprocess
+use mtx_hpc::data::nifti::read::read_raw;
+use mtx_hpc::data::preprocess::{Align, Normalise, PackParams, prepare_subject};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+const BASELINE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/preprocess_nibabel.py");
+const COLIN: &str = "/usr/share/mricron/templates/ch2.nii.gz";
+const RUNS: usize = 9;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut()>(mut f: F) -> (f64, f64) {
+    f();
+    let times: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    (median(times), min)
+}
+
+fn main() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join("mtx-hpc-bench");
+    std::fs::create_dir_all(&dir)?;
+    let synth = dir.join("synth_int16_256_lia.nii.gz");
+    if !synth.exists() {
+        let ok = Command::new(PYTHON)
+            .args([BASELINE, "make-synth"])
+            .arg(&synth)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        anyhow::ensure!(
+            ok,
+            "could not make {} (run scripts/setup.sh)",
+            synth.display()
+        );
+    }
+    let files: Vec<PathBuf> = vec![PathBuf::from(COLIN), synth];
+    let params = PackParams {
+        spacing: 2.0,
+        grid: [96, 114, 96],
+        align: Align::Centre,
+        normalise: Normalise::Minmax,
+        volume: None,
+    };
+    println!(
+        "threads: {} (set RAYON_NUM_THREADS=1 for the one-core figure)",
+        rayon::current_num_threads()
+    );
+    for f in &files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (read, _) = time(|| {
+            read_raw(f, None).map(|r| r.bytes.len()).unwrap_or(0);
+        });
+        let (med, min) = time(|| {
+            prepare_subject(Path::new(f), None, &params)
+                .map(|p| p.volume.len())
+                .unwrap_or(0);
+        });
+        prepare_subject(f, None, &params)?;
+        println!(
+            "mtx-hpc        {name:<28} median {med:.4} s  (min {min:.4}, {RUNS} runs; read+decompress {read:.4} s)"
+        );
+    }
+    let status = Command::new(PYTHON)
+        .arg(BASELINE)
+        .arg("bench")
+        .args(&files)
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        eprintln!("nibabel baseline failed (run scripts/setup.sh)");
+    }
+    Ok(())
+}
