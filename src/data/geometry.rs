@@ -1,5 +1,7 @@
 //! 4x4 affine matrices (voxel index -> world millimetres, RAS+) and the few operations
 //! preprocessing and the cohort generator need. Row-major: `m[row][col]`, points are columns.
+// Matrix maths reads best with explicit row and column indices.
+#![allow(clippy::needless_range_loop)]
 pub type Mat4 = [[f64; 4]; 4];
 
 pub const IDENTITY: Mat4 = [

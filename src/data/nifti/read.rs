@@ -102,8 +102,11 @@ pub struct RawImage {
     pub header: NiftiHeader,
     pub dims: [usize; 3],
     pub dtype: Dtype,
-    /// Bytes of the selected volume, in file byte order (`big_endian`).
+    /// The file's bytes (decompressed); the selected volume starts at `data_offset`. Kept
+    /// whole rather than copied out: a copy of a large volume costs as much as converting it.
     pub bytes: Vec<u8>,
+    pub data_offset: usize,
+    /// Byte order of the voxels.
     pub big_endian: bool,
     /// Applied when scl_slope is non-zero and finite (NIfTI: slope 0 means unscaled).
     pub scale: Option<(f32, f32)>,
@@ -221,11 +224,6 @@ pub fn read_raw(path: &Path, volume: Option<usize>) -> Result<RawImage> {
             data_bytes.len().saturating_sub(offset)
         );
     }
-    let bytes = if start == 0 && data_bytes.len() == vol_bytes {
-        data_bytes
-    } else {
-        data_bytes[start..start + vol_bytes].to_vec()
-    };
 
     let mut warnings = Vec::new();
     let (affine, affine_source) = pick_affine(&header);
@@ -250,7 +248,8 @@ pub fn read_raw(path: &Path, volume: Option<usize>) -> Result<RawImage> {
         header,
         dims,
         dtype,
-        bytes,
+        bytes: data_bytes,
+        data_offset: start,
         big_endian,
         scale,
         affine,
@@ -260,94 +259,118 @@ pub fn read_raw(path: &Path, volume: Option<usize>) -> Result<RawImage> {
 }
 
 impl RawImage {
-    /// Value of voxel `idx` (scaled), without bounds or finiteness checks.
-    #[inline(always)]
-    pub fn value(&self, idx: usize) -> f32 {
-        let v = raw_value(&self.bytes, self.dtype, self.big_endian, idx);
-        match self.scale {
-            Some((s, i)) => v * s + i,
-            None => v,
+    /// The selected volume's bytes.
+    pub fn voxel_bytes(&self) -> &[u8] {
+        let n = self.dims[0] * self.dims[1] * self.dims[2] * self.dtype.size();
+        &self.bytes[self.data_offset..self.data_offset + n]
+    }
+
+    /// Converts voxels `first..first + out.len()` (NIfTI order) to scaled f32.
+    #[inline]
+    pub fn convert_into(&self, first: usize, out: &mut [f32]) {
+        let size = self.dtype.size();
+        let start = self.data_offset + first * size;
+        let bytes = &self.bytes[start..start + out.len() * size];
+        convert(bytes, self.dtype, self.big_endian, out);
+        if let Some((s, i)) = self.scale {
+            out.iter_mut().for_each(|v| *v = *v * s + i);
         }
+    }
+
+    /// Row (j, k) of the volume (all i) as scaled f32.
+    #[inline]
+    pub fn row_into(&self, j: usize, k: usize, out: &mut [f32]) {
+        self.convert_into(
+            (k * self.dims[1] + j) * self.dims[0],
+            &mut out[..self.dims[0]],
+        );
+    }
+
+    /// Fails on NaN or infinite voxels, saying how many. Integer voxels are finite, so only
+    /// float data (or a scale that overflows f32) needs the scan.
+    pub fn check_finite(&self) -> Result<()> {
+        let scale_overflows = self.scale.is_some_and(|(s, i)| {
+            let extreme = match self.dtype {
+                Dtype::U8 | Dtype::I8 => 255.0f64,
+                Dtype::I16 | Dtype::U16 => 65535.0,
+                _ => f64::from(u32::MAX),
+            };
+            !((f64::from(s) * extreme + f64::from(i)).abs() < f64::from(f32::MAX))
+        });
+        if !self.dtype.is_float() && !scale_overflows {
+            return Ok(());
+        }
+        let n = self.dims[0] * self.dims[1] * self.dims[2];
+        let mut buf = vec![0.0f32; self.dims[0]];
+        let mut bad = 0usize;
+        for row in 0..n / self.dims[0] {
+            self.convert_into(row * self.dims[0], &mut buf);
+            bad += buf.iter().filter(|v| !v.is_finite()).count();
+        }
+        if bad > 0 {
+            bail!(
+                "{}: {bad} of {n} voxels are NaN or infinite",
+                self.path.display()
+            );
+        }
+        Ok(())
     }
 
     /// All voxels as scaled f32; fails on NaN or infinite values, saying how many.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
+        self.check_finite()?;
         let n = self.dims[0] * self.dims[1] * self.dims[2];
-        let mut out = Vec::with_capacity(n);
-        macro_rules! convert {
-            ($t:ty, $n:expr) => {{
-                for c in self.bytes.chunks_exact($n) {
-                    let arr: [u8; $n] = c.try_into().unwrap_or([0; $n]);
-                    let v = if self.big_endian {
-                        <$t>::from_be_bytes(arr)
-                    } else {
-                        <$t>::from_le_bytes(arr)
-                    };
-                    out.push(v as f32);
-                }
-            }};
-        }
-        match self.dtype {
-            Dtype::U8 => out.extend(self.bytes.iter().map(|&b| f32::from(b))),
-            Dtype::I8 => out.extend(self.bytes.iter().map(|&b| f32::from(b as i8))),
-            Dtype::I16 => convert!(i16, 2),
-            Dtype::U16 => convert!(u16, 2),
-            Dtype::I32 => convert!(i32, 4),
-            Dtype::U32 => convert!(u32, 4),
-            Dtype::I64 => convert!(i64, 8),
-            Dtype::U64 => convert!(u64, 8),
-            Dtype::F32 => convert!(f32, 4),
-            Dtype::F64 => convert!(f64, 8),
-        }
-        if let Some((s, i)) = self.scale {
-            for v in &mut out {
-                *v = *v * s + i;
-            }
-        }
-        if self.dtype.is_float() || self.scale.is_some() {
-            let bad = out.iter().filter(|v| !v.is_finite()).count();
-            if bad > 0 {
-                bail!(
-                    "{}: {bad} of {n} voxels are NaN or infinite",
-                    self.path.display()
-                );
-            }
-        }
+        let mut out = vec![0.0f32; n];
+        self.convert_into(0, &mut out);
         Ok(out)
     }
 }
 
-#[inline(always)]
-fn raw_value(bytes: &[u8], dtype: Dtype, big: bool, idx: usize) -> f32 {
-    macro_rules! get {
+/// Bytes of `dtype` in the given byte order to f32 (written so that the compiler can
+/// vectorise the common little-endian integer cases).
+#[inline]
+fn convert(bytes: &[u8], dtype: Dtype, big: bool, out: &mut [f32]) {
+    macro_rules! conv {
         ($t:ty, $n:expr) => {{
-            let mut arr = [0u8; $n];
-            arr.copy_from_slice(&bytes[idx * $n..idx * $n + $n]);
-            (if big {
-                <$t>::from_be_bytes(arr)
+            if big {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact($n)) {
+                    let mut a = [0u8; $n];
+                    a.copy_from_slice(c);
+                    *o = <$t>::from_be_bytes(a) as f32;
+                }
             } else {
-                <$t>::from_le_bytes(arr)
-            }) as f32
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact($n)) {
+                    let mut a = [0u8; $n];
+                    a.copy_from_slice(c);
+                    *o = <$t>::from_le_bytes(a) as f32;
+                }
+            }
         }};
     }
     match dtype {
-        Dtype::U8 => f32::from(bytes[idx]),
-        Dtype::I8 => f32::from(bytes[idx] as i8),
-        Dtype::I16 => get!(i16, 2),
-        Dtype::U16 => get!(u16, 2),
-        Dtype::I32 => get!(i32, 4),
-        Dtype::U32 => get!(u32, 4),
-        Dtype::I64 => get!(i64, 8),
-        Dtype::U64 => get!(u64, 8),
-        Dtype::F32 => get!(f32, 4),
-        Dtype::F64 => get!(f64, 8),
+        Dtype::U8 => out
+            .iter_mut()
+            .zip(bytes)
+            .for_each(|(o, &b)| *o = f32::from(b)),
+        Dtype::I8 => out
+            .iter_mut()
+            .zip(bytes)
+            .for_each(|(o, &b)| *o = f32::from(b as i8)),
+        Dtype::I16 => conv!(i16, 2),
+        Dtype::U16 => conv!(u16, 2),
+        Dtype::I32 => conv!(i32, 4),
+        Dtype::U32 => conv!(u32, 4),
+        Dtype::I64 => conv!(i64, 8),
+        Dtype::U64 => conv!(u64, 8),
+        Dtype::F32 => conv!(f32, 4),
+        Dtype::F64 => conv!(f64, 8),
     }
 }
 
 /// The whole file, decompressed in one shot when it is gzip (detected by its magic bytes,
 /// so a misnamed file still reads). libdeflate needs the output size up front: the gzip
 /// trailer holds it (modulo 2^32), checked against deflate's maximum ratio.
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let name = path.display();
     let bytes = std::fs::read(path).with_context(|| format!("{name}: cannot read"))?;
     if bytes.len() < 2 || bytes[0] != 0x1f || bytes[1] != 0x8b {
@@ -489,8 +512,8 @@ pub fn pick_affine(h: &NiftiHeader) -> (Mat4, AffineSource) {
         (qform_affine(h), AffineSource::Qform)
     } else {
         let mut m = geometry::IDENTITY;
-        for k in 0..3 {
-            m[k][k] = f64::from(h.pixdim[k + 1]);
+        for (k, row) in m.iter_mut().take(3).enumerate() {
+            row[k] = f64::from(h.pixdim[k + 1]);
         }
         (m, AffineSource::VoxelSizes)
     }

@@ -1,6 +1,7 @@
 //! Finding the head/brain in a source volume: a robust intensity threshold (FSL BET's
 //! brain/background rule: 10% of the way from the 2nd to the 98th percentile), which works
 //! for full-head and skull-stripped images alike, and the centre of mass of what lies above it.
+use super::source::SourceVolume;
 use crate::data::geometry::{self, Mat4};
 
 /// Every STRIDE-th voxel along each axis is enough for a threshold and a centre (1/8 of the
@@ -34,27 +35,78 @@ pub fn percentile(values: &mut [f32], q: f64) -> Option<f32> {
     Some(a + (b - a) * frac)
 }
 
-fn sampled(data: &[f32], dims: [usize; 3]) -> impl Iterator<Item = ([usize; 3], f32)> + '_ {
-    (0..dims[2]).step_by(STRIDE).flat_map(move |k| {
-        (0..dims[1]).step_by(STRIDE).flat_map(move |j| {
-            let row = (k * dims[1] + j) * dims[0];
-            (0..dims[0])
-                .step_by(STRIDE)
-                .map(move |i| ([i, j, k], data[row + i]))
+/// Every STRIDE-th voxel of the source along each axis, in NIfTI order: sample (a, b, c) is
+/// source voxel (STRIDE a, STRIDE b, STRIDE c).
+pub struct Samples {
+    pub values: Vec<f32>,
+    pub counts: [usize; 3],
+}
+
+impl Samples {
+    pub fn take(src: &SourceVolume) -> Self {
+        let dims = src.dims();
+        let counts = dims.map(|d| d.div_ceil(STRIDE));
+        let mut values = Vec::with_capacity(counts[0] * counts[1] * counts[2]);
+        let mut scratch = vec![0.0f32; dims[0]];
+        for k in (0..dims[2]).step_by(STRIDE) {
+            for j in (0..dims[1]).step_by(STRIDE) {
+                let row = src.row(j, k, &mut scratch);
+                values.extend(row.iter().step_by(STRIDE));
+            }
+        }
+        Self { values, counts }
+    }
+
+    /// (source voxel index, value) of every sample.
+    fn iter(&self) -> impl Iterator<Item = ([usize; 3], f32)> + '_ {
+        let [n0, n1, _] = self.counts;
+        self.values.iter().enumerate().map(move |(idx, &v)| {
+            let (a, rest) = (idx % n0, idx / n0);
+            ([a, rest % n1, rest / n1].map(|x| x * STRIDE), v)
         })
+    }
+}
+
+/// Approximate percentiles from a 4096-bin histogram (interpolated within the bin): plenty
+/// for a threshold, and linear time.
+fn approx_percentiles(values: &[f32], qs: [f64; 2]) -> [f32; 2] {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in values {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if values.is_empty() || hi <= lo {
+        return [lo, lo];
+    }
+    const BINS: usize = 4096;
+    let scale = BINS as f32 / (hi - lo);
+    let mut hist = vec![0usize; BINS];
+    for &v in values {
+        hist[(((v - lo) * scale) as usize).min(BINS - 1)] += 1;
+    }
+    let width = (hi - lo) / BINS as f32;
+    qs.map(|q| {
+        let rank = q * (values.len() - 1) as f64;
+        let mut below = 0usize;
+        for (b, &c) in hist.iter().enumerate() {
+            if (below + c) as f64 > rank {
+                let within = ((rank - below as f64 + 0.5) / c as f64) as f32;
+                return lo + (b as f32 + within) * width;
+            }
+            below += c;
+        }
+        hi
     })
 }
 
-/// Threshold and centre of the foreground of `data` (NIfTI order, `affine` voxel -> world).
-pub fn find(data: &[f32], dims: [usize; 3], affine: &Mat4) -> Foreground {
-    let mut values: Vec<f32> = sampled(data, dims).map(|(_, v)| v).collect();
-    let p2 = percentile(&mut values, 0.02).unwrap_or(0.0);
-    let p98 = percentile(&mut values, 0.98).unwrap_or(0.0);
+/// Threshold and centre of the foreground (`affine`: source voxel -> world).
+pub fn find(samples: &Samples, affine: &Mat4) -> Foreground {
+    let [p2, p98] = approx_percentiles(&samples.values, [0.02, 0.98]);
     let threshold = p2 + 0.1 * (p98 - p2);
     let mut sum = [0.0f64; 3];
     let mut count = 0usize;
     if p98 > p2 {
-        for (ijk, v) in sampled(data, dims) {
+        for (ijk, v) in samples.iter() {
             if v > threshold {
                 for a in 0..3 {
                     sum[a] += ijk[a] as f64;
@@ -67,7 +119,8 @@ pub fn find(data: &[f32], dims: [usize; 3], affine: &Mat4) -> Foreground {
         sum.map(|s| s / count as f64)
     } else {
         // Nothing stands out: the middle of the field of view is the best guess.
-        [0, 1, 2].map(|a| (dims[a] as f64 - 1.0) / 2.0)
+        let n = samples.counts;
+        [0, 1, 2].map(|a| ((n[a] - 1) * STRIDE) as f64 / 2.0)
     };
     Foreground {
         threshold,
@@ -88,8 +141,7 @@ pub struct Cropping {
 /// Measures the foreground outside a grid of `grid` voxels whose voxel -> world is
 /// `grid_affine` (axis-aligned), from the source side.
 pub fn cropping(
-    data: &[f32],
-    dims: [usize; 3],
+    samples: &Samples,
     affine: &Mat4,
     threshold: f32,
     grid_affine: &Mat4,
@@ -103,7 +155,7 @@ pub fn cropping(
     let (mut inside, mut outside) = (0usize, 0usize);
     let mut below = [0.0f64; 3];
     let mut above = [0.0f64; 3];
-    for (ijk, v) in sampled(data, dims) {
+    for (ijk, v) in samples.iter() {
         if v <= threshold {
             continue;
         }
@@ -155,6 +207,16 @@ mod tests {
     }
 
     #[test]
+    fn histogram_percentiles_are_close_to_exact_ones() {
+        let v: Vec<f32> = (0..10_000).map(|i| ((i * 7919) % 10_000) as f32).collect();
+        let [a, b] = approx_percentiles(&v, [0.02, 0.98]);
+        assert!(
+            (a - 200.0).abs() < 5.0 && (b - 9798.0).abs() < 5.0,
+            "{a} {b}"
+        );
+    }
+
+    #[test]
     fn centre_of_a_cube_is_found_in_world_coordinates() {
         let dims = [40, 30, 20];
         let mut data = vec![0.0f32; 40 * 30 * 20];
@@ -167,7 +229,8 @@ mod tests {
         }
         let mut affine = geometry::IDENTITY;
         affine[0][3] = -10.0;
-        let fg = find(&data, dims, &affine);
+        let samples = Samples::take(&SourceVolume::F32 { data: &data, dims });
+        let fg = find(&samples, &affine);
         assert!(fg.threshold > 0.0 && fg.threshold < 100.0);
         // Sampling every second voxel: cube [20,30) sampled at 20..28 -> centre 24.
         assert!(

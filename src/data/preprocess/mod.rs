@@ -6,12 +6,14 @@
 pub mod foreground;
 pub mod normalise;
 pub mod resample;
+pub mod source;
 
 use crate::data::geometry::{self, Mat4};
-use crate::data::nifti::read::{LabelImage, NiftiImage, read_image, read_labels};
+use crate::data::nifti::read::{LabelImage, NiftiImage, RawImage, read_labels, read_raw};
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 pub use normalise::IntensityStats;
+use source::SourceVolume;
 use std::path::Path;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -110,22 +112,72 @@ pub fn prepare_subject(
     params: &PackParams,
 ) -> Result<Prepared> {
     check_params(params)?;
-    let img = read_image(image, params.volume)?;
+    // The voxels stay as the file's bytes: each step converts only the rows it reads.
+    let raw = read_raw(image, params.volume)?;
+    raw.check_finite()?;
     let seg = segmentation.map(read_labels).transpose()?;
     if let Some(seg) = &seg {
-        check_same_grid(&img, seg)?;
+        check_same_grid(&raw.path, raw.dims, &raw.affine, seg)?;
     }
-    prepare_image(&img, seg.as_ref(), params)
+    let img = SourceImage::from_raw(&raw);
+    prepare_source(&img, seg.as_ref(), params)
 }
 
-/// Preprocesses an image already read (and its label map, already checked to share its grid).
+/// Preprocesses an image already read as f32 (and its label map, which must share its grid).
 pub fn prepare_image(
     img: &NiftiImage,
     seg: Option<&LabelImage>,
     params: &PackParams,
 ) -> Result<Prepared> {
-    let mut warnings = img.warnings.clone();
-    let fg = foreground::find(&img.data, img.dims, &img.affine);
+    check_params(params)?;
+    if let Some(seg) = seg {
+        check_same_grid(&img.path, img.dims, &img.affine, seg)?;
+    }
+    let src = SourceImage {
+        path: &img.path,
+        volume: SourceVolume::F32 {
+            data: &img.data,
+            dims: img.dims,
+        },
+        dims: img.dims,
+        affine: img.affine,
+        affine_source: img.affine_source,
+        warnings: &img.warnings,
+    };
+    prepare_source(&src, seg, params)
+}
+
+/// What the steps need of a source image, whichever way it was read.
+struct SourceImage<'a> {
+    path: &'a Path,
+    volume: SourceVolume<'a>,
+    dims: [usize; 3],
+    affine: Mat4,
+    affine_source: AffineSource,
+    warnings: &'a [String],
+}
+
+impl<'a> SourceImage<'a> {
+    fn from_raw(raw: &'a RawImage) -> Self {
+        Self {
+            path: &raw.path,
+            volume: SourceVolume::Raw(raw),
+            dims: raw.dims,
+            affine: raw.affine,
+            affine_source: raw.affine_source,
+            warnings: &raw.warnings,
+        }
+    }
+}
+
+fn prepare_source(
+    img: &SourceImage,
+    seg: Option<&LabelImage>,
+    params: &PackParams,
+) -> Result<Prepared> {
+    let mut warnings = img.warnings.to_vec();
+    let samples = foreground::Samples::take(&img.volume);
+    let fg = foreground::find(&samples, &img.affine);
     if fg.sampled_count == 0 {
         warnings.push(format!(
             "{}: no foreground stands out from the background; centred on the field of view",
@@ -138,8 +190,7 @@ pub fn prepare_image(
     };
     let grid_affine = grid_affine(centre, params.spacing, params.grid);
     let crop = foreground::cropping(
-        &img.data,
-        img.dims,
+        &samples,
         &img.affine,
         fg.threshold,
         &grid_affine,
@@ -152,7 +203,7 @@ pub fn prepare_image(
         .with_context(|| format!("{}: singular affine", img.path.display()))?;
     let m = geometry::mul(&source_inverse, &grid_affine);
     let widths = resample::filter_widths(params.spacing, geometry::voxel_sizes(&img.affine));
-    let mut volume = resample::resample_intensity(&img.data, img.dims, &m, params.grid, widths);
+    let mut volume = resample::resample_intensity(&img.volume, &m, params.grid, widths);
     let fov = field_of_view(&m, img.dims, params.grid);
     let intensity = normalise::apply(&mut volume, &fov, fg.threshold, params.normalise)
         .map_err(|e| anyhow::anyhow!("{}: {e}", img.path.display()))?;
@@ -190,28 +241,26 @@ fn check_params(params: &PackParams) -> Result<()> {
 
 /// A segmentation must sit on its image's voxels exactly: same shape, same affine (to 1e-3 mm,
 /// float32 header precision).
-fn check_same_grid(img: &NiftiImage, seg: &LabelImage) -> Result<()> {
-    if img.dims != seg.dims {
+fn check_same_grid(path: &Path, dims: [usize; 3], affine: &Mat4, seg: &LabelImage) -> Result<()> {
+    if dims != seg.dims {
         bail!(
             "segmentation {} has shape {:?} but its image {} has shape {:?}: they must share one grid",
             seg.path.display(),
             seg.dims,
-            img.path.display(),
-            img.dims
+            path.display(),
+            dims
         );
     }
     let differs = (0..3).any(|r| {
-        (0..4).any(|c| {
-            (img.affine[r][c] - seg.affine[r][c]).abs() > 1e-3 + 1e-5 * img.affine[r][c].abs()
-        })
+        (0..4).any(|c| (affine[r][c] - seg.affine[r][c]).abs() > 1e-3 + 1e-5 * affine[r][c].abs())
     });
     if differs {
         bail!(
             "segmentation {} has a different affine from its image {}: {:?} vs {:?}",
             seg.path.display(),
-            img.path.display(),
+            path.display(),
             &seg.affine[..3],
-            &img.affine[..3]
+            &affine[..3]
         );
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! matrix. Intensities: the area average of the trilinear interpolant over the grid voxel's
 //! footprint (a box pre-filter of width spacing / source voxel size, then trilinear), which is
 //! plain trilinear when not downsampling. Labels: the most severe label in the footprint.
+use super::source::SourceVolume;
 use crate::data::geometry::Mat4;
 use rayon::prelude::*;
 
@@ -117,30 +118,36 @@ pub fn filter_widths(spacing: f64, source_voxel_sizes: [f64; 3]) -> [f64; 3] {
     source_voxel_sizes.map(|v| spacing / v)
 }
 
-/// Resamples intensities (NIfTI order `dims`) onto `grid` ([X][Y][Z], z fastest).
+/// Resamples intensities onto `grid` ([X][Y][Z], z fastest).
 pub fn resample_intensity(
-    src: &[f32],
-    dims: [usize; 3],
+    src: &SourceVolume,
     grid_to_source: &Mat4,
     grid: [usize; 3],
     widths: [f64; 3],
 ) -> Vec<f32> {
     match axis_permutation(grid_to_source) {
-        Some(perm) => resample_separable(src, dims, grid_to_source, grid, widths, perm),
-        None => resample_general(src, dims, grid_to_source, grid, widths),
+        Some(perm) => resample_separable(src, grid_to_source, grid, widths, perm),
+        None => resample_general(&src.to_vec(), src.dims(), grid_to_source, grid, widths),
     }
 }
 
-/// Axis-aligned case: three 1-D passes with precomputed weights, each over only the source
-/// rows the grid needs, then one transpose into the grid layout.
+#[inline]
+fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
+    out.iter_mut().zip(x).for_each(|(o, v)| *o += w * v);
+}
+
+/// Axis-aligned case: three 1-D passes with precomputed weights, then one transpose into the
+/// grid layout. The two passes over the (large) source run along whole contiguous rows, so
+/// they vectorise; the pass along the row direction runs last, on the reduced volume. Each
+/// source row is read (and converted) once, and only rows the grid needs.
 pub fn resample_separable(
-    src: &[f32],
-    dims: [usize; 3],
+    src: &SourceVolume,
     m: &Mat4,
     grid: [usize; 3],
     widths: [f64; 3],
     perm: [usize; 3],
 ) -> Vec<f32> {
+    let dims = src.dims();
     let mut inv = [0usize; 3];
     for (a, &s) in perm.iter().enumerate() {
         inv[s] = a;
@@ -153,60 +160,66 @@ pub fn resample_separable(
         })
         .collect();
     let g = [grid[inv[0]], grid[inv[1]], grid[inv[2]]];
+    let (r0lo, r0hi) = wts[0].range();
     let (r1lo, r1hi) = wts[1].range();
-    let (r2lo, r2hi) = wts[2].range();
-    let (n1, n2) = (r1hi - r1lo, r2hi - r2lo);
-    let n0 = dims[0];
-
-    let mut tmp1 = vec![0.0f32; n2 * n1 * g[0]];
-    if n1 > 0 {
-        tmp1.par_chunks_mut(n1 * g[0])
-            .enumerate()
-            .for_each(|(c2, chunk)| {
-                let i2 = r2lo + c2;
-                for c1 in 0..n1 {
-                    let i1 = r1lo + c1;
-                    let row = &src[(i2 * dims[1] + i1) * n0..][..n0];
-                    let out = &mut chunk[c1 * g[0]..][..g[0]];
-                    for (o, v) in out.iter_mut().enumerate() {
-                        let w = wts[0].weights(o);
-                        let seg = &row[wts[0].start[o]..][..w.len()];
-                        *v = w.iter().zip(seg).map(|(a, b)| a * b).sum();
-                    }
-                }
-            });
+    let (n0, n1) = (r0hi - r0lo, r1hi - r1lo);
+    let mut out = vec![0.0f32; grid[0] * grid[1] * grid[2]];
+    if n0 == 0 || n1 == 0 || wts[2].range().1 == 0 {
+        return out;
+    }
+    // Which grid planes each source plane k feeds, and with what weight.
+    let mut users: Vec<Vec<(usize, f32)>> = vec![Vec::new(); dims[2]];
+    for o2 in 0..g[2] {
+        for (t, &w) in wts[2].weights(o2).iter().enumerate() {
+            users[wts[2].start[o2] + t].push((o2, w));
+        }
     }
 
+    // Pass A, along source axis 2: a[i1][o2][i0].
+    let mut a = vec![0.0f32; n1 * g[2] * n0];
+    a.par_chunks_mut(g[2] * n0).enumerate().for_each_init(
+        || vec![0.0f32; dims[0]],
+        |scratch, (c1, chunk)| {
+            for (k, feeds) in users.iter().enumerate() {
+                if feeds.is_empty() {
+                    continue;
+                }
+                let row = &src.row(r1lo + c1, k, scratch)[r0lo..r0hi];
+                for &(o2, w) in feeds {
+                    axpy(&mut chunk[o2 * n0..][..n0], w, row);
+                }
+            }
+        },
+    );
+
+    // Pass B, along source axis 1: b[o2][o1][i0].
+    let mut b = vec![0.0f32; g[2] * g[1] * n0];
+    b.par_chunks_mut(g[1] * n0)
+        .enumerate()
+        .for_each(|(o2, chunk)| {
+            for o1 in 0..g[1] {
+                let dst = &mut chunk[o1 * n0..][..n0];
+                for (t, &w) in wts[1].weights(o1).iter().enumerate() {
+                    let c1 = wts[1].start[o1] + t - r1lo;
+                    axpy(dst, w, &a[(c1 * g[2] + o2) * n0..][..n0]);
+                }
+            }
+        });
+
+    // Pass C, along source axis 0 (short dot products on the reduced volume): c[o2][o1][o0].
     let plane = g[1] * g[0];
-    let mut tmp2 = vec![0.0f32; n2 * plane];
-    if n1 > 0 {
-        tmp2.par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(c2, chunk)| {
-                let slab = &tmp1[c2 * n1 * g[0]..][..n1 * g[0]];
-                for o1 in 0..g[1] {
-                    let out = &mut chunk[o1 * g[0]..][..g[0]];
-                    for (t, &w) in wts[1].weights(o1).iter().enumerate() {
-                        let c1 = wts[1].start[o1] + t - r1lo;
-                        let row = &slab[c1 * g[0]..][..g[0]];
-                        out.iter_mut().zip(row).for_each(|(o, r)| *o += w * r);
-                    }
-                }
-            });
-    }
-
-    let mut tmp3 = vec![0.0f32; g[2] * plane];
-    if n2 > 0 {
-        tmp3.par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(o2, out)| {
-                for (t, &w) in wts[2].weights(o2).iter().enumerate() {
-                    let c2 = wts[2].start[o2] + t - r2lo;
-                    let src_plane = &tmp2[c2 * plane..][..plane];
-                    out.iter_mut().zip(src_plane).for_each(|(o, r)| *o += w * r);
-                }
-            });
-    }
+    let mut c = vec![0.0f32; g[2] * plane];
+    c.par_chunks_mut(plane).enumerate().for_each(|(o2, chunk)| {
+        for o1 in 0..g[1] {
+            let row = &b[(o2 * g[1] + o1) * n0..][..n0];
+            let dst = &mut chunk[o1 * g[0]..][..g[0]];
+            for (o0, v) in dst.iter_mut().enumerate() {
+                let w = wts[0].weights(o0);
+                let seg = &row[wts[0].start[o0] - r0lo..][..w.len()];
+                *v = w.iter().zip(seg).map(|(x, y)| x * y).sum();
+            }
+        }
+    });
 
     let out_strides = [grid[1] * grid[2], grid[2], 1];
     let st = [
@@ -214,13 +227,12 @@ pub fn resample_separable(
         out_strides[inv[1]],
         out_strides[inv[2]],
     ];
-    let mut out = vec![0.0f32; grid[0] * grid[1] * grid[2]];
     let mut idx = 0;
     for o2 in 0..g[2] {
         for o1 in 0..g[1] {
             let base = o2 * st[2] + o1 * st[1];
             for o0 in 0..g[0] {
-                out[base + o0 * st[0]] = tmp3[idx];
+                out[base + o0 * st[0]] = c[idx];
                 idx += 1;
             }
         }
@@ -451,7 +463,13 @@ mod tests {
         let widths = [1.6, 1.4, 2.0];
         let perm = axis_permutation(&m).expect("aligned");
         assert_eq!(perm, [2, 0, 1]);
-        let a = resample_separable(&src, dims, &m, grid, widths, perm);
+        let a = resample_separable(
+            &SourceVolume::F32 { data: &src, dims },
+            &m,
+            grid,
+            widths,
+            perm,
+        );
         let b = resample_general(&src, dims, &m, grid, widths);
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
             assert!((x - y).abs() < 1e-3, "voxel {i}: separable {x} general {y}");
@@ -466,9 +484,9 @@ mod tests {
         labels[(14 * 30 + 13) * 30 + 16] = 4;
         labels[(14 * 30 + 14) * 30 + 14] = 2;
         let mut m = geometry::IDENTITY;
-        for a in 0..3 {
-            m[a][a] = 3.0;
-            m[a][3] = 1.0;
+        for (a, row) in m.iter_mut().take(3).enumerate() {
+            row[a] = 3.0;
+            row[3] = 1.0;
         }
         let out = resample_labels(&labels, dims, &m, [10, 10, 10]);
         let count = |l: u8| out.iter().filter(|&&v| v == l).count();
