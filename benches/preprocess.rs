@@ -6,7 +6,8 @@
 use mtx_hpc::data::geometry;
 use mtx_hpc::data::nifti::read::read_raw;
 use mtx_hpc::data::preprocess::{
-    Align, Normalise, PackParams, foreground, grid_affine, prepare_subject, resample,
+    Align, Normalise, PackParams, foreground, grid_affine, normalise, prepare_subject, resample,
+    source::SourceVolume,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,7 +53,20 @@ fn main() -> anyhow::Result<()> {
             synth.display()
         );
     }
-    let files: Vec<PathBuf> = vec![PathBuf::from(COLIN), synth];
+    // `cargo bench --bench preprocess -- ch2` runs only matching files, without the baseline.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let files: Vec<PathBuf> = vec![PathBuf::from(COLIN), synth]
+        .into_iter()
+        .filter(|f| {
+            only.is_empty()
+                || only
+                    .iter()
+                    .any(|o| f.to_string_lossy().contains(o.as_str()))
+        })
+        .collect();
     let params = PackParams {
         spacing: 2.0,
         grid: [96, 114, 96],
@@ -80,17 +94,18 @@ fn main() -> anyhow::Result<()> {
         println!("  decompress only {gz:.4}");
         // Where the time goes, step by step (the same calls prepare_subject makes).
         let raw = read_raw(f, None)?;
+        let src = SourceVolume::Raw(&raw);
         let (convert, _) = time(|| {
-            raw.to_f32().map(|v| v.len()).unwrap_or(0);
+            raw.check_finite().ok();
         });
-        let data = raw.to_f32()?;
         let (find, _) = time(|| {
-            foreground::find(&data, raw.dims, &raw.affine);
+            foreground::find(&foreground::Samples::take(&src), &raw.affine);
         });
-        let fg = foreground::find(&data, raw.dims, &raw.affine);
+        let samples = foreground::Samples::take(&src);
+        let fg = foreground::find(&samples, &raw.affine);
         let g = grid_affine(fg.centre_world, params.spacing, params.grid);
         let (crop, _) = time(|| {
-            foreground::cropping(&data, raw.dims, &raw.affine, fg.threshold, &g, params.grid);
+            foreground::cropping(&samples, &raw.affine, fg.threshold, &g, params.grid);
         });
         let m = geometry::mul(
             &geometry::inverse(&raw.affine).unwrap_or(geometry::IDENTITY),
@@ -98,11 +113,17 @@ fn main() -> anyhow::Result<()> {
         );
         let widths = resample::filter_widths(params.spacing, geometry::voxel_sizes(&raw.affine));
         let (res, _) = time(|| {
-            resample::resample_intensity(&data, raw.dims, &m, params.grid, widths);
+            resample::resample_intensity(&src, &m, params.grid, widths);
+        });
+        let vol = resample::resample_intensity(&src, &m, params.grid, widths);
+        let fov = vec![true; vol.len()];
+        let (norm, _) = time(|| {
+            let mut v = vol.clone();
+            normalise::apply(&mut v, &fov, fg.threshold, Normalise::Minmax).ok();
         });
         println!(
-            "  steps: read+decompress {read:.4}  to_f32 {convert:.4}  foreground {find:.4}  \
-             cropping {crop:.4}  resample {res:.4}"
+            "  steps: read+decompress {read:.4}  finite check {convert:.4}  foreground {find:.4}  \
+             cropping {crop:.4}  resample {res:.4}  normalise {norm:.4}"
         );
         let (med, min) = time(|| {
             prepare_subject(Path::new(f), None, &params)
@@ -111,6 +132,9 @@ fn main() -> anyhow::Result<()> {
         });
         prepare_subject(f, None, &params)?;
         println!("mtx-hpc        {name:<28} median {med:.4} s  (min {min:.4}, {RUNS} runs)");
+    }
+    if !only.is_empty() {
+        return Ok(());
     }
     let status = Command::new(PYTHON)
         .arg(BASELINE)

@@ -57,13 +57,21 @@ impl Samples {
         Self { values, counts }
     }
 
-    /// (source voxel index, value) of every sample.
-    fn iter(&self) -> impl Iterator<Item = ([usize; 3], f32)> + '_ {
-        let [n0, n1, _] = self.counts;
-        self.values.iter().enumerate().map(move |(idx, &v)| {
-            let (a, rest) = (idx % n0, idx / n0);
-            ([a, rest % n1, rest / n1].map(|x| x * STRIDE), v)
-        })
+    /// Calls `f(source voxel index, value)` for every sample above `threshold`, in order.
+    #[inline]
+    fn for_each_above(&self, threshold: f32, mut f: impl FnMut([usize; 3], f32)) {
+        let [n0, n1, n2] = self.counts;
+        let mut rows = self.values.chunks_exact(n0);
+        for c in 0..n2 {
+            for b in 0..n1 {
+                let Some(row) = rows.next() else { return };
+                for (a, &v) in row.iter().enumerate() {
+                    if v > threshold {
+                        f([a * STRIDE, b * STRIDE, c * STRIDE], v);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -106,14 +114,14 @@ pub fn find(samples: &Samples, affine: &Mat4) -> Foreground {
     let mut sum = [0.0f64; 3];
     let mut count = 0usize;
     if p98 > p2 {
-        for (ijk, v) in samples.iter() {
-            if v > threshold {
-                for a in 0..3 {
-                    sum[a] += ijk[a] as f64;
-                }
-                count += 1;
+        let mut sums = [0usize; 3];
+        samples.for_each_above(threshold, |ijk, _| {
+            for a in 0..3 {
+                sums[a] += ijk[a];
             }
-        }
+            count += 1;
+        });
+        sum = sums.map(|s| s as f64);
     }
     let centre_voxel = if count > 0 {
         sum.map(|s| s / count as f64)
@@ -155,10 +163,7 @@ pub fn cropping(
     let (mut inside, mut outside) = (0usize, 0usize);
     let mut below = [0.0f64; 3];
     let mut above = [0.0f64; 3];
-    for (ijk, v) in samples.iter() {
-        if v <= threshold {
-            continue;
-        }
+    samples.for_each_above(threshold, |ijk, _| {
         let g = geometry::apply(&m, ijk.map(|x| x as f64));
         let mut out = false;
         for a in 0..3 {
@@ -179,7 +184,7 @@ pub fn cropping(
         } else {
             inside += 1;
         }
-    }
+    });
     let total = inside + outside;
     Cropping {
         fraction_outside: if total > 0 {

@@ -293,13 +293,17 @@ fn crop_warning(path: &Path, crop: &foreground::Cropping) -> String {
 
 /// Which grid voxels map inside the source volume (within half a voxel of its edge voxels).
 fn field_of_view(m: &Mat4, dims: [usize; 3], grid: [usize; 3]) -> Vec<bool> {
-    let mut out = Vec::with_capacity(grid[0] * grid[1] * grid[2]);
+    let mut out = vec![false; grid[0] * grid[1] * grid[2]];
     let limit = dims.map(|d| d as f64 - 0.5);
-    for x in 0..grid[0] {
-        for y in 0..grid[1] {
-            for z in 0..grid[2] {
-                let p = geometry::apply(m, [x as f64, y as f64, z as f64]);
-                out.push((0..3).all(|a| p[a] >= -0.5 && p[a] <= limit[a]));
+    let inside = |p: [f64; 3]| (0..3).all(|a| p[a] >= -0.5 && p[a] <= limit[a]);
+    let step = [m[0][2], m[1][2], m[2][2]];
+    for (row, x_y) in out.chunks_exact_mut(grid[2]).zip(0..) {
+        let (x, y) = (x_y / grid[1], x_y % grid[1]);
+        let mut p = geometry::apply(m, [x as f64, y as f64, 0.0]);
+        for v in row.iter_mut() {
+            *v = inside(p);
+            for a in 0..3 {
+                p[a] += step[a];
             }
         }
     }

@@ -137,9 +137,11 @@ fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
 }
 
 /// Axis-aligned case: three 1-D passes with precomputed weights, then one transpose into the
-/// grid layout. The two passes over the (large) source run along whole contiguous rows, so
-/// they vectorise; the pass along the row direction runs last, on the reduced volume. Each
-/// source row is read (and converted) once, and only rows the grid needs.
+/// grid layout. Each grid plane along source axis 2 is made on its own (in parallel), through
+/// scratch planes small enough to stay in cache: the weighted sum of the few source planes it
+/// covers (whole contiguous rows, converted from the file's bytes as they are read, only the
+/// rows the grid needs), then the pass along source axis 1 (rows again), then short dot
+/// products along source axis 0 on the reduced plane.
 pub fn resample_separable(
     src: &SourceVolume,
     m: &Mat4,
@@ -164,62 +166,47 @@ pub fn resample_separable(
     let (r1lo, r1hi) = wts[1].range();
     let (n0, n1) = (r0hi - r0lo, r1hi - r1lo);
     let mut out = vec![0.0f32; grid[0] * grid[1] * grid[2]];
-    if n0 == 0 || n1 == 0 || wts[2].range().1 == 0 {
+    if n0 == 0 || n1 == 0 {
         return out;
     }
-    // Which grid planes each source plane k feeds, and with what weight.
-    let mut users: Vec<Vec<(usize, f32)>> = vec![Vec::new(); dims[2]];
-    for o2 in 0..g[2] {
-        for (t, &w) in wts[2].weights(o2).iter().enumerate() {
-            users[wts[2].start[o2] + t].push((o2, w));
-        }
-    }
 
-    // Pass A, along source axis 2: a[i1][o2][i0].
-    let mut a = vec![0.0f32; n1 * g[2] * n0];
-    a.par_chunks_mut(g[2] * n0).enumerate().for_each_init(
-        || vec![0.0f32; dims[0]],
-        |scratch, (c1, chunk)| {
-            for (k, feeds) in users.iter().enumerate() {
-                if feeds.is_empty() {
-                    continue;
+    let plane = g[1] * g[0];
+    let mut c = vec![0.0f32; g[2] * plane];
+    c.par_chunks_mut(plane).enumerate().for_each_init(
+        || (vec![0.0f32; n1 * n0], vec![0.0f32; g[1] * n0]),
+        |(p, q), (o2, dst)| {
+            let taps = wts[2].weights(o2);
+            if taps.is_empty() {
+                return;
+            }
+            // Along source axis 2: p[i1][i0].
+            p.iter_mut().for_each(|v| *v = 0.0);
+            for (t, &w) in taps.iter().enumerate() {
+                let k = wts[2].start[o2] + t;
+                for c1 in 0..n1 {
+                    src.axpy_row(w, r0lo, r1lo + c1, k, &mut p[c1 * n0..][..n0]);
                 }
-                let row = &src.row(r1lo + c1, k, scratch)[r0lo..r0hi];
-                for &(o2, w) in feeds {
-                    axpy(&mut chunk[o2 * n0..][..n0], w, row);
+            }
+            // Along source axis 1: q[o1][i0].
+            q.iter_mut().for_each(|v| *v = 0.0);
+            for o1 in 0..g[1] {
+                let qrow = &mut q[o1 * n0..][..n0];
+                for (t, &w) in wts[1].weights(o1).iter().enumerate() {
+                    let c1 = wts[1].start[o1] + t - r1lo;
+                    axpy(qrow, w, &p[c1 * n0..][..n0]);
+                }
+            }
+            // Along source axis 0: dst[o1][o0].
+            for o1 in 0..g[1] {
+                let qrow = &q[o1 * n0..][..n0];
+                for (o0, v) in dst[o1 * g[0]..][..g[0]].iter_mut().enumerate() {
+                    let w = wts[0].weights(o0);
+                    let seg = &qrow[wts[0].start[o0] - r0lo..][..w.len()];
+                    *v = w.iter().zip(seg).map(|(x, y)| x * y).sum();
                 }
             }
         },
     );
-
-    // Pass B, along source axis 1: b[o2][o1][i0].
-    let mut b = vec![0.0f32; g[2] * g[1] * n0];
-    b.par_chunks_mut(g[1] * n0)
-        .enumerate()
-        .for_each(|(o2, chunk)| {
-            for o1 in 0..g[1] {
-                let dst = &mut chunk[o1 * n0..][..n0];
-                for (t, &w) in wts[1].weights(o1).iter().enumerate() {
-                    let c1 = wts[1].start[o1] + t - r1lo;
-                    axpy(dst, w, &a[(c1 * g[2] + o2) * n0..][..n0]);
-                }
-            }
-        });
-
-    // Pass C, along source axis 0 (short dot products on the reduced volume): c[o2][o1][o0].
-    let plane = g[1] * g[0];
-    let mut c = vec![0.0f32; g[2] * plane];
-    c.par_chunks_mut(plane).enumerate().for_each(|(o2, chunk)| {
-        for o1 in 0..g[1] {
-            let row = &b[(o2 * g[1] + o1) * n0..][..n0];
-            let dst = &mut chunk[o1 * g[0]..][..g[0]];
-            for (o0, v) in dst.iter_mut().enumerate() {
-                let w = wts[0].weights(o0);
-                let seg = &row[wts[0].start[o0] - r0lo..][..w.len()];
-                *v = w.iter().zip(seg).map(|(x, y)| x * y).sum();
-            }
-        }
-    });
 
     let out_strides = [grid[1] * grid[2], grid[2], 1];
     let st = [

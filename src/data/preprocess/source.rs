@@ -32,6 +32,18 @@ impl SourceVolume<'_> {
         }
     }
 
+    /// `dst[x] += w * voxel(i0 + x, j, k)` for x in 0..dst.len().
+    #[inline]
+    pub fn axpy_row(&self, w: f32, i0: usize, j: usize, k: usize, dst: &mut [f32]) {
+        match self {
+            Self::Raw(r) => r.axpy_row(w, i0, j, k, dst),
+            Self::F32 { data, dims } => {
+                let row = &data[(k * dims[1] + j) * dims[0] + i0..][..dst.len()];
+                dst.iter_mut().zip(row).for_each(|(o, v)| *o += w * v);
+            }
+        }
+    }
+
     /// The whole volume as f32 (for the oblique path, which samples anywhere).
     pub fn to_vec(&self) -> Vec<f32> {
         match self {
