@@ -123,13 +123,13 @@ pub fn read_image(path: &Path, volume: Option<usize>) -> Result<NiftiImage> {
     let raw = read_raw(path, volume)?;
     let data = raw.to_f32()?;
     Ok(NiftiImage {
-        path: raw.path,
+        path: raw.path.clone(),
         dims: raw.dims,
         data,
         affine: raw.affine,
         affine_source: raw.affine_source,
-        header: raw.header,
-        warnings: raw.warnings,
+        header: raw.header.clone(),
+        warnings: raw.warnings.clone(),
     })
 }
 
@@ -158,13 +158,13 @@ pub fn read_labels(path: &Path) -> Result<LabelImage> {
         );
     }
     Ok(LabelImage {
-        path: raw.path,
+        path: raw.path.clone(),
         dims: raw.dims,
         labels,
         affine: raw.affine,
         affine_source: raw.affine_source,
-        header: raw.header,
-        warnings: raw.warnings,
+        header: raw.header.clone(),
+        warnings: raw.warnings.clone(),
     })
 }
 
@@ -419,7 +419,11 @@ fn convert(bytes: &[u8], dtype: Dtype, big: bool, out: &mut [f32]) {
 /// trailer holds it (modulo 2^32), checked against deflate's maximum ratio.
 pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let name = path.display();
-    let bytes = std::fs::read(path).with_context(|| format!("{name}: cannot read"))?;
+    let mut bytes = buffers::take_smallest();
+    bytes.clear();
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes))
+        .with_context(|| format!("{name}: cannot read"))?;
     if bytes.len() < 2 || bytes[0] != 0x1f || bytes[1] != 0x8b {
         return Ok(bytes);
     }
@@ -431,13 +435,20 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     // Deflate cannot expand more than ~1032:1; a larger claim means a damaged trailer.
     let plausible = isize <= bytes.len().saturating_mul(1032) + 1024;
     if plausible {
-        let mut out = vec![0u8; isize];
+        let mut out = buffers::take_largest();
+        // A reused buffer is already initialised up to its length: only growth is zeroed.
+        if out.len() < isize {
+            out.resize(isize, 0);
+        }
+        out.truncate(isize);
         let mut dec = libdeflater::Decompressor::new();
         if let Ok(n) = dec.gzip_decompress(&bytes, &mut out)
             && n == isize
         {
+            buffers::give_back(bytes);
             return Ok(out);
         }
+        buffers::give_back(out);
     }
     // Either damaged, larger than 4 GiB, or several gzip members: the streaming decoder
     // tells which, and reads the last two correctly.
@@ -446,7 +457,56 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     flate2::read::MultiGzDecoder::new(&bytes[..])
         .read_to_end(&mut out)
         .map_err(|e| anyhow::anyhow!("{name}: truncated or corrupt .gz file ({e})"))?;
+    buffers::give_back(bytes);
     Ok(out)
+}
+
+/// Large byte buffers kept per thread between files: a fresh 30 MB buffer costs thousands of
+/// page faults (the kernel zeroes every page), about as much as converting its voxels. Each
+/// thread keeps at most two (compressed input, decompressed output) between subjects.
+mod buffers {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn take(pick: impl Fn(&[Vec<u8>]) -> Option<usize>) -> Vec<u8> {
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            pick(&s).map(|i| s.swap_remove(i)).unwrap_or_default()
+        })
+    }
+
+    pub fn take_largest() -> Vec<u8> {
+        take(|v| (0..v.len()).max_by_key(|&i| v[i].capacity()))
+    }
+
+    pub fn take_smallest() -> Vec<u8> {
+        take(|v| (0..v.len()).min_by_key(|&i| v[i].capacity()))
+    }
+
+    pub fn give_back(buf: Vec<u8>) {
+        if buf.capacity() < 1 << 20 {
+            return;
+        }
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.push(buf);
+            if s.len() > 2 {
+                // Keep the two largest.
+                if let Some(i) = (0..s.len()).min_by_key(|&i| s[i].capacity()) {
+                    s.swap_remove(i);
+                }
+            }
+        });
+    }
+}
+
+impl Drop for RawImage {
+    fn drop(&mut self) {
+        buffers::give_back(std::mem::take(&mut self.bytes));
+    }
 }
 
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<NiftiHeader> {

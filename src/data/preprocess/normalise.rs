@@ -2,7 +2,7 @@
 //! the source field of view above the foreground threshold): clip to the 0.5-99.5 percentiles,
 //! then scale to [0, 1] (minmax) or to zero mean and unit variance (z-score).
 use super::Normalise;
-use super::foreground::percentile;
+use super::foreground::exact_percentiles;
 
 /// Lower and upper clip percentiles, as fractions.
 pub const CLIP_LOW: f64 = 0.005;
@@ -32,7 +32,7 @@ pub fn apply(
     threshold: f32,
     mode: Normalise,
 ) -> Result<IntensityStats, String> {
-    let mut fg: Vec<f32> = volume
+    let fg: Vec<f32> = volume
         .iter()
         .zip(in_fov)
         .filter(|&(&v, &inside)| inside && v > threshold)
@@ -45,8 +45,7 @@ pub fn apply(
              image empty, or does the grid miss it?"
         ));
     }
-    let lo = percentile(&mut fg, CLIP_LOW).unwrap_or(0.0);
-    let hi = percentile(&mut fg, CLIP_HIGH).unwrap_or(0.0);
+    let [lo, hi] = exact_percentiles(&fg, [CLIP_LOW, CLIP_HIGH]).unwrap_or([0.0, 0.0]);
     if hi <= lo {
         return Err(format!(
             "flat foreground: the 0.5th and 99.5th percentiles are both {lo}"
