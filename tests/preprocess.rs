@@ -183,6 +183,12 @@ fn analyze_pair_and_uncompressed_files_read() {
     let c = read_image(&dir.path().join("good.nii.gz"), None).expect(".nii.gz reads");
     assert_eq!(a.data, c.data);
     assert_eq!(b.data, c.data);
+    // The big-endian int16 file holds the same values.
+    let e = read_image(&dir.path().join("big_endian.nii.gz"), None).expect("big-endian reads");
+    assert!(e.header.endianness == nifti::Endianness::Big);
+    for (x, y) in e.data.iter().zip(&c.data) {
+        assert!((x - y).abs() < 0.01, "big-endian {x} vs {y}");
+    }
     assert_eq!(a.dims, [20, 20, 20]);
     let text =
         mtx_hpc::data::nifti::read::describe(&dir.path().join("good.nii.gz")).expect("describe");

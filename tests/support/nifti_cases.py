@@ -237,6 +237,10 @@ def bad(out):
     nan[7, 8, 9] = np.inf
     nib.save(nib.Nifti1Image(nan, aff), os.path.join(out, "nan_voxels.nii.gz"))
     nib.save(nib.Nifti1Image(vol.astype(np.complex64), aff), os.path.join(out, "complex.nii.gz"))
+    # big-endian int16: the same values as good.nii.gz
+    be = nib.Nifti1Image(vol.astype(">i2"), aff, header=nib.Nifti1Header(endianness=">"))
+    nib.save(be, os.path.join(out, "big_endian.nii.gz"))
+    assert nib.load(os.path.join(out, "big_endian.nii.gz")).header.endianness == ">"
     # an Analyze-style pair: .hdr + .img
     pair = nib.Nifti1Pair(vol, aff)
     nib.save(pair, os.path.join(out, "pair.hdr"))

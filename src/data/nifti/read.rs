@@ -342,7 +342,8 @@ impl RawImage {
                 Dtype::I16 | Dtype::U16 => 65535.0,
                 _ => f64::from(u32::MAX),
             };
-            !((f64::from(s) * extreme + f64::from(i)).abs() < f64::from(f32::MAX))
+            let top = (f64::from(s) * extreme + f64::from(i)).abs();
+            top.is_nan() || top >= f64::from(f32::MAX)
         });
         if !self.dtype.is_float() && !scale_overflows {
             return Ok(());

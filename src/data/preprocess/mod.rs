@@ -197,7 +197,7 @@ fn prepare_source(
         params.grid,
     );
     if crop.fraction_outside > CROP_WARN_FRACTION {
-        warnings.push(crop_warning(&img.path, &crop));
+        warnings.push(crop_warning(img.path, &crop));
     }
     let source_inverse = geometry::inverse(&img.affine)
         .with_context(|| format!("{}: singular affine", img.path.display()))?;
