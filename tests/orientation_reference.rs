@@ -51,17 +51,20 @@ fn reference(file: &Path, dir: &Path) -> Vec<f32> {
         .collect()
 }
 
-fn ours(file: &Path) -> Vec<f32> {
+fn ours(file: &Path, align: Align) -> Vec<f32> {
     let params = PackParams {
         spacing: 2.0,
         grid: GRID,
-        align: Align::Centre,
+        align,
         normalise: Normalise::Minmax,
         volume: None,
     };
-    prepare_subject(file, None, &params)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", file.display()))
-        .volume
+    let prep = prepare_subject(file, None, &params)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", file.display()));
+    for w in &prep.warnings {
+        eprintln!("warning: {w}");
+    }
+    prep.volume
 }
 
 fn ncc(a: &[f32], b: &[f32]) -> f64 {
@@ -97,8 +100,8 @@ fn flip(v: &[f32], axis: usize) -> Vec<f32> {
 }
 
 /// Checks `file` packed by us against `reference`; returns the correlation.
-fn check(label: &str, file: &Path, reference: &[f32]) -> (f64, Vec<f32>) {
-    let vol = ours(file);
+fn check(label: &str, file: &Path, align: Align, reference: &[f32]) -> (f64, Vec<f32>) {
+    let vol = ours(file, align);
     let r = ncc(&vol, reference);
     let flips = [
         ("A-P flip", flip(reference, 1)),
@@ -148,7 +151,12 @@ fn colin27_and_mni152_match_nibabel_in_any_voxel_order() {
     require(MNI);
     let dir = tempfile::tempdir().expect("temporary folder");
     let colin_ref = reference(Path::new(COLIN), dir.path());
-    let (_, colin_ours) = check("Colin27 ch2 (RAS)", Path::new(COLIN), &colin_ref);
+    let (_, colin_ours) = check(
+        "Colin27 ch2 (RAS)",
+        Path::new(COLIN),
+        Align::Centre,
+        &colin_ref,
+    );
     for codes in ["LPS", "PIR"] {
         let file: PathBuf = dir.path().join(format!("ch2_{codes}.nii.gz"));
         python(&[
@@ -158,7 +166,12 @@ fn colin27_and_mni152_match_nibabel_in_any_voxel_order() {
             codes.as_ref(),
             file.as_os_str(),
         ]);
-        let (_, vol) = check(&format!("Colin27 rewritten {codes}"), &file, &colin_ref);
+        let (_, vol) = check(
+            &format!("Colin27 rewritten {codes}"),
+            &file,
+            Align::Centre,
+            &colin_ref,
+        );
         let same = ncc(&vol, &colin_ours);
         assert!(
             same > 0.99,
@@ -166,5 +179,12 @@ fn colin27_and_mni152_match_nibabel_in_any_voxel_order() {
         );
     }
     let mni_ref = reference(Path::new(MNI), dir.path());
-    check("MNI152 2009a", Path::new(MNI), &mni_ref);
+    check("MNI152 2009a", Path::new(MNI), Align::Centre, &mni_ref);
+    // The template is in MNI space: the fixed MNI box must hold it centred as well.
+    check(
+        "MNI152 2009a, --align world",
+        Path::new(MNI),
+        Align::World,
+        &mni_ref,
+    );
 }
