@@ -422,3 +422,18 @@ fn segmentation_on_another_grid_or_with_fractions_is_rejected() {
     }
     read_labels(&d.join("labels.nii.gz")).expect("good labels read");
 }
+
+#[test]
+fn prepare_image_on_f32_voxels_matches_prepare_subject_on_the_file() {
+    let dir = cases("labels");
+    let file = dir.path().join("image.nii.gz");
+    let seg = dir.path().join("labels.nii.gz");
+    let p = params(2.5, [40, 36, 32]);
+    let a = prepare_subject(&file, Some(&seg), &p).expect("from the file");
+    let img = read_image(&file, None).expect("reads");
+    let labels = read_labels(&seg).expect("reads");
+    let b = mtx_hpc::data::preprocess::prepare_image(&img, Some(&labels), &p).expect("from f32");
+    assert_eq!(a.volume, b.volume);
+    assert_eq!(a.labels, b.labels);
+    assert_eq!(a.geometry, b.geometry);
+}
