@@ -1,7 +1,7 @@
 //! The command line: clap definitions and dispatch, nothing else. Each subcommand's work lives
 //! in the library module named after it.
-use crate::data::preprocess::{Align, Normalise};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use crate::data::preprocess::{Align, Normalise};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
