@@ -18,9 +18,11 @@ use std::path::Path;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Align {
-    /// Centre the head/brain foreground in the grid (any input).
+    /// Centre the head/brain foreground in the grid (any input): the centre of mass of the
+    /// voxels above 10% of the way from the 2nd to the 98th intensity percentile.
     Centre,
-    /// Keep world coordinates on a fixed MNI box (inputs already registered to MNI space).
+    /// Keep world coordinates on a fixed MNI box centred at (0, -18, 18) mm, the centre of the
+    /// MNI brain bounding box (inputs already registered to MNI space).
     World,
 }
 
