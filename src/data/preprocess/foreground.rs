@@ -150,14 +150,14 @@ impl Samples {
 
 /// Approximate percentiles from a 4096-bin histogram (interpolated within the bin): plenty
 /// for a threshold, and linear time.
-fn approx_percentiles(values: &[f32], qs: [f64; 2]) -> [f32; 2] {
+fn approx_percentiles<const N: usize>(values: &[f32], qs: [f64; N]) -> [f32; N] {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for &v in values {
         lo = lo.min(v);
         hi = hi.max(v);
     }
     if values.is_empty() || hi <= lo {
-        return [lo, lo];
+        return [lo; N];
     }
     const BINS: usize = 4096;
     let scale = BINS as f32 / (hi - lo);
@@ -182,11 +182,14 @@ fn approx_percentiles(values: &[f32], qs: [f64; 2]) -> [f32; 2] {
 
 /// Threshold and centre of the foreground (`affine`: source voxel -> world).
 pub fn find(samples: &Samples, affine: &Mat4) -> Foreground {
-    let [p2, p98] = approx_percentiles(&samples.values, [0.02, 0.98]);
-    let threshold = p2 + 0.1 * (p98 - p2);
+    let [p2, p98, max] = approx_percentiles(&samples.values, [0.02, 0.98, 1.0]);
+    // An object smaller than 2% of the field of view leaves p98 at the background level:
+    // measure from the maximum instead.
+    let top = if p98 > p2 { p98 } else { max };
+    let threshold = p2 + 0.1 * (top - p2);
     let mut sum = [0.0f64; 3];
     let mut count = 0usize;
-    if p98 > p2 {
+    if top > p2 {
         let mut sums = [0usize; 3];
         samples.for_each_above(threshold, |ijk, _| {
             for a in 0..3 {
@@ -310,6 +313,23 @@ mod tests {
             (a - 200.0).abs() < 5.0 && (b - 9798.0).abs() < 5.0,
             "{a} {b}"
         );
+    }
+
+    #[test]
+    fn an_object_smaller_than_two_percent_is_still_found() {
+        let dims = [40, 30, 20];
+        let mut data = vec![0.0f32; 40 * 30 * 20];
+        for k in 9..12 {
+            for j in 12..15 {
+                for i in 21..24 {
+                    data[(k * 30 + j) * 40 + i] = 50.0;
+                }
+            }
+        }
+        let samples = Samples::take(&SourceVolume::F32 { data: &data, dims });
+        let fg = find(&samples, &geometry::IDENTITY);
+        assert!(fg.sampled_count > 0 && fg.threshold < 50.0, "{fg:?}");
+        assert!((fg.centre_world[0] - 22.0).abs() <= 1.5, "{fg:?}");
     }
 
     #[test]
