@@ -140,8 +140,8 @@ fn axpy(out: &mut [f32], w: f32, x: &[f32]) {
 /// grid layout. Each grid plane along source axis 2 is made on its own (in parallel), through
 /// scratch planes small enough to stay in cache: the weighted sum of the few source planes it
 /// covers (whole contiguous rows, converted from the file's bytes as they are read, only the
-/// rows the grid needs), then the pass along source axis 1 (rows again), then short dot
-/// products along source axis 0 on the reduced plane.
+/// rows the grid needs), then the pass along source axis 1 (rows again), then the pass along
+/// source axis 0 on the transposed reduced plane (rows again: everything vectorises).
 pub fn resample_separable(
     src: &SourceVolume,
     m: &Mat4,
@@ -173,8 +173,14 @@ pub fn resample_separable(
     let plane = g[1] * g[0];
     let mut c = vec![0.0f32; g[2] * plane];
     c.par_chunks_mut(plane).enumerate().for_each_init(
-        || (vec![0.0f32; n1 * n0], vec![0.0f32; g[1] * n0]),
-        |(p, q), (o2, dst)| {
+        || {
+            (
+                vec![0.0f32; n1 * n0],
+                vec![0.0f32; g[1] * n0],
+                vec![0.0f32; n0 * g[1]],
+            )
+        },
+        |(p, q, qt), (o2, dst)| {
             let taps = wts[2].weights(o2);
             if taps.is_empty() {
                 return;
@@ -196,13 +202,18 @@ pub fn resample_separable(
                     axpy(qrow, w, &p[c1 * n0..][..n0]);
                 }
             }
-            // Along source axis 0: dst[o1][o0].
-            for o1 in 0..g[1] {
-                let qrow = &q[o1 * n0..][..n0];
-                for (o0, v) in dst[o1 * g[0]..][..g[0]].iter_mut().enumerate() {
-                    let w = wts[0].weights(o0);
-                    let seg = &qrow[wts[0].start[o0] - r0lo..][..w.len()];
-                    *v = w.iter().zip(seg).map(|(x, y)| x * y).sum();
+            // Along source axis 0, on the transposed plane so that this pass is whole-row
+            // arithmetic too: dst[o0][o1].
+            for (o1, qrow) in q.chunks_exact(n0).enumerate() {
+                for (i0, &v) in qrow.iter().enumerate() {
+                    qt[i0 * g[1] + o1] = v;
+                }
+            }
+            dst.iter_mut().for_each(|v| *v = 0.0);
+            for (o0, drow) in dst.chunks_exact_mut(g[1]).enumerate() {
+                for (t, &w) in wts[0].weights(o0).iter().enumerate() {
+                    let i0 = wts[0].start[o0] + t - r0lo;
+                    axpy(drow, w, &qt[i0 * g[1]..][..g[1]]);
                 }
             }
         },
@@ -216,10 +227,10 @@ pub fn resample_separable(
     ];
     let mut idx = 0;
     for o2 in 0..g[2] {
-        for o1 in 0..g[1] {
-            let base = o2 * st[2] + o1 * st[1];
-            for o0 in 0..g[0] {
-                out[base + o0 * st[0]] = c[idx];
+        for o0 in 0..g[0] {
+            let base = o2 * st[2] + o0 * st[0];
+            for o1 in 0..g[1] {
+                out[base + o1 * st[1]] = c[idx];
                 idx += 1;
             }
         }
