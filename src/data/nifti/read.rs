@@ -212,10 +212,21 @@ pub fn read_raw(path: &Path, volume: Option<usize>) -> Result<RawImage> {
         }
         (path.to_path_buf(), off as usize, header_bytes)
     };
-    let n_vox = dims[0] * dims[1] * dims[2];
-    let vol_bytes = n_vox * dtype.size();
+    // Checked: a damaged header can promise more bytes than a usize holds.
+    let vol_bytes = dims[0]
+        .checked_mul(dims[1])
+        .and_then(|v| v.checked_mul(dims[2]))
+        .and_then(|v| v.checked_mul(dtype.size()));
+    let needed = vol_bytes
+        .and_then(|v| v.checked_mul(volumes))
+        .and_then(|v| v.checked_add(offset));
+    let (Some(vol_bytes), Some(needed)) = (vol_bytes, needed) else {
+        bail!(
+            "{name}: impossible dimensions {:?} in the header",
+            &header.dim
+        );
+    };
     let start = offset + picked * vol_bytes;
-    let needed = offset + volumes * vol_bytes;
     if data_bytes.len() < needed {
         bail!(
             "{}: truncated: the header promises {} bytes of voxel data, the file holds {}",
