@@ -1,5 +1,6 @@
 //! 4x4 affine matrices (voxel index -> world millimetres, RAS+) and the few operations
 //! preprocessing and the cohort generator need. Row-major: `m[row][col]`, points are columns.
+// Matrix maths reads best with explicit row and column indices.
 pub type Mat4 = [[f64; 4]; 4];
 
 pub const IDENTITY: Mat4 = [
@@ -105,6 +106,7 @@ mod tests {
         for k in 0..3 {
             assert!((p[k] - q[k]).abs() < 1e-9, "{p:?} != {q:?}");
         }
+        // Voxel axis 0 points mostly to +y (A), axis 1 to -x (L), axis 2 to +z (S).
         assert_eq!(axcodes(&m), "ALS");
     }
 
