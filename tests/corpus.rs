@@ -68,7 +68,7 @@ fn corpus_without_segmentations_has_no_labels_dataset() {
     assert!(!c.has_labels());
     let mut lab = Vec::new();
     assert!(!c.read_labels(0, &mut lab).expect("read labels"));
-    let f = hdf5::File::open(&path).expect("h5");
+    let f = common::h5_open(&path, false);
     assert!(!f.link_exists("labels"));
 }
 
@@ -89,7 +89,7 @@ fn fewer_subjects_than_announced_shrinks_the_datasets() {
     w.finish().expect("finish");
     let c = Corpus::open(&path).expect("open");
     assert_eq!(c.len(), 3);
-    let f = hdf5::File::open(&path).expect("h5");
+    let f = common::h5_open(&path, false);
     assert_eq!(f.dataset("volumes").expect("v").shape(), vec![3, 6, 7, 8]);
     assert_eq!(f.dataset("labels").expect("l").shape(), vec![3, 6, 7, 8]);
 }
@@ -142,7 +142,7 @@ fn other_format_version_is_refused_with_both_versions_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_corpus(&dir.path().join("v2.h5"), GRID, 2, false);
     {
-        let f = hdf5::File::open_rw(&path).expect("rw");
+        let f = common::h5_open(&path, true);
         f.delete_attr("format_version").expect("delete");
         f.new_attr::<u32>()
             .create("format_version")

@@ -170,7 +170,7 @@ fn inspect_refuses_other_versions_and_foreign_files_clearly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_corpus(&dir.path().join("v3.h5"), GRID, 2, false);
     {
-        let f = hdf5::File::open_rw(&path).expect("rw");
+        let f = common::h5_open(&path, true);
         f.delete_attr("format_version").expect("delete");
         f.new_attr::<u32>()
             .create("format_version")

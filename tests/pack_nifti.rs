@@ -1,6 +1,4 @@
-//! End-to-end `pack` on real NIfTI files written by nibabel, through the binary. These need the
-//! real `prepare_subject` (src/data/preprocess.rs), merged from another branch: until then they
-//! are ignored. Enable them by deleting the `#[ignore]` lines after the merge.
+//! End-to-end `pack` on real NIfTI files written by nibabel, through the binary.
 mod common;
 
 use common::python;
@@ -70,7 +68,6 @@ fn ok(o: &Output) -> String {
 }
 
 #[test]
-#[ignore = "needs prepare_subject"]
 fn pack_nibabel_files_then_inspect_with_png() {
     let dir = tempfile::tempdir().expect("tempdir");
     nifti_cohort(dir.path());
@@ -117,7 +114,6 @@ fn pack_nibabel_files_then_inspect_with_png() {
 }
 
 #[test]
-#[ignore = "needs prepare_subject"]
 fn bad_nifti_aborts_without_output_unless_skip_bad() {
     let dir = tempfile::tempdir().expect("tempdir");
     nifti_cohort(dir.path());

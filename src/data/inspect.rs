@@ -75,13 +75,8 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
-// MERGE: replace the body with `crate::data::nifti::read::describe(path)` (header, orientation
-// codes, shape, voxel size, intensity range) once the NIfTI reader is merged.
 fn describe_nifti(path: &Path) -> Result<String> {
-    bail!(
-        "{}: NIfTI inspection is not wired into this build yet",
-        path.display()
-    )
+    crate::data::nifti::read::describe(path)
 }
 
 /// Subject by "ID", or "ID:SESSION" when the subject has several sessions.

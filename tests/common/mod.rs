@@ -4,7 +4,7 @@
 use mtx_hpc::data::corpus::{CorpusHeader, CorpusWriter, SubjectMeta};
 use mtx_hpc::data::geometry::IDENTITY;
 use mtx_hpc::data::preprocess::{
-    AffineSource, Align, Normalise, PackGeometry, PackParams, Prepared,
+    AffineSource, Align, IntensityStats, Normalise, PackGeometry, PackParams, Prepared,
 };
 use mtx_hpc::io::AtomicFile;
 use std::path::{Path, PathBuf};
@@ -80,6 +80,14 @@ pub fn prepared(k: usize, grid: [usize; 3], with_labels: bool) -> Prepared {
             grid_affine,
             grid_to_source,
         },
+        intensity: IntensityStats {
+            threshold: 0.1,
+            foreground_voxels: x * y * z,
+            clip_low: 0.0,
+            clip_high: 1.0,
+            mean: 0.5,
+            std: 0.2,
+        },
         warnings: vec![],
     }
 }
@@ -132,4 +140,12 @@ pub fn run_python(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Opens an HDF5 file without file locks, as the product does: tests in one process run in
+/// threads while others fork children, and HDF5's lock would leak into those children.
+pub fn h5_open(path: &Path, write: bool) -> hdf5::File {
+    let mut b = hdf5::File::with_options();
+    b.with_fapl(|p| p.file_locking(false));
+    if write { b.open_rw(path) } else { b.open(path) }.expect("open HDF5 file")
 }

@@ -75,7 +75,13 @@ impl Corpus {
         if !is_hdf5(path)? {
             bail!("{p}: not an HDF5 file, so not an mtx-hpc corpus");
         }
-        let file = File::open(path).with_context(|| format!("{p}: cannot open as HDF5"))?;
+        // No file locks: the corpus is read-only once written, locks fail or hang on some
+        // parallel filesystems (Lustre, GPFS), and HDF5's lock travels into any child process
+        // forked while the file is open (its descriptor is not close-on-exec).
+        let file = File::with_options()
+            .with_fapl(|p| p.file_locking(false))
+            .open(path)
+            .with_context(|| format!("{p}: cannot open as HDF5"))?;
         let format = read_str_attr(&file, "format")
             .map_err(|_| anyhow!("{p}: not an mtx-hpc corpus (no 'format' attribute)"))?;
         if format != FORMAT_NAME {

@@ -54,7 +54,9 @@ impl CorpusWriter {
                 tmp.display()
             )
         };
+        // A private temporary file: no lock needed (see Corpus::open for why locks hurt).
         let file = File::with_options()
+            .with_fapl(|p| p.file_locking(false))
             .with_fcpl(|p| p.obj_track_times(false))
             .create(&tmp)
             .with_context(ctx)?;

@@ -186,7 +186,8 @@ pub fn read_raw(path: &Path, volume: Option<usize>) -> Result<RawImage> {
     })?;
     let (dims, volumes) = check_dims(path, &header)?;
     let picked = match (volumes, volume) {
-        (1, None | Some(0)) => 0,
+        // --volume picks from 4-D inputs; a manifest may mix them with 3-D ones.
+        (1, _) => 0,
         (n, None) => bail!(
             "{name}: 4-D image with {n} volumes; pick one with --volume K (0..{})",
             n - 1

@@ -4,7 +4,7 @@
 //! template must be in MNI space (Colin27, MNI152): the landmarks below are MNI coordinates.
 use super::anatomy::{Anatomy, Contrast, Tissue};
 use super::atrophy::Atrophy;
-use crate::data::geometry::{IDENTITY, Mat4, apply, inverse};
+use crate::data::geometry::{Mat4, apply, inverse};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
@@ -35,60 +35,14 @@ pub struct Template {
 }
 
 impl Template {
-    // MERGE: replace with data::nifti::read
     pub fn load(path: &Path) -> Result<Self> {
-        use nifti::{IntoNdArray, NiftiObject};
-        let obj = nifti::ReaderOptions::new()
-            .read_file(path)
-            .with_context(|| format!("{}: cannot read the template NIfTI", path.display()))?;
-        let h = obj.header().clone();
-        let affine = if h.sform_code > 0 {
-            let mut m = IDENTITY;
-            for (r, row) in [h.srow_x, h.srow_y, h.srow_z].iter().enumerate() {
-                for c in 0..4 {
-                    m[r][c] = row[c] as f64;
-                }
-            }
-            m
-        } else if h.qform_code > 0 {
-            let q = crate::data::nifti::write::Quatern {
-                b: h.quatern_b as f64,
-                c: h.quatern_c as f64,
-                d: h.quatern_d as f64,
-                pixdim: [1, 2, 3].map(|a| h.pixdim[a] as f64),
-                qfac: if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 },
-            };
-            let offset = [h.quatern_x, h.quatern_y, h.quatern_z].map(f64::from);
-            crate::data::nifti::write::qform_matrix(&q, offset)
-        } else {
-            let mut m = IDENTITY;
-            for (a, row) in m.iter_mut().take(3).enumerate() {
-                row[a] = h.pixdim[a + 1].abs() as f64;
-            }
-            m
-        };
+        // The project's reader validates the file and picks sform, qform or voxel sizes.
+        let image = crate::data::nifti::read::read_image(path, None)
+            .with_context(|| format!("{}: cannot use as a template", path.display()))?;
+        let (dims, affine, raw) = (image.dims, image.affine, image.data);
+        // The reader has already refused singular affines.
         let world_to_voxel =
             inverse(&affine).with_context(|| format!("{}: singular affine", path.display()))?;
-        let mut volume = obj
-            .into_volume()
-            .into_ndarray::<f32>()
-            .with_context(|| format!("{}: cannot decode voxels", path.display()))?;
-        let shape = volume.shape().to_vec();
-        if shape.len() < 3 || shape[3..].iter().any(|&d| d != 1) {
-            bail!(
-                "{}: template must be 3-D, got shape {shape:?}",
-                path.display()
-            );
-        }
-        let dims = [shape[0], shape[1], shape[2]];
-        while volume.ndim() > 3 {
-            volume = volume.index_axis_move(ndarray::Axis(3), 0);
-        }
-        // The transpose iterates with the first index fastest: NIfTI order.
-        let raw: Vec<f32> = volume.t().iter().copied().collect();
-        if raw.iter().any(|v| !v.is_finite()) {
-            bail!("{}: template holds NaN or infinite voxels", path.display());
-        }
         let mut sorted: Vec<f32> = raw.iter().copied().filter(|v| *v > 0.0).collect();
         if sorted.len() < 1000 {
             bail!("{}: template has almost no foreground", path.display());
