@@ -8,6 +8,7 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(
     name = "mtx-hpc",
+    term_width = 100,
     version,
     about = "Pretrain the Medical Transformer on brain MRI, on clusters",
     long_about = "Pretrain the Medical Transformer (a 2-D slice encoder plus a small transformer \
