@@ -44,7 +44,7 @@ fn corpus_summary_has_format_split_and_label_statistics() {
         // 2 segmented subjects x a 2x2 column of 8 voxels: labels 1,2,4 along z (3,3,2 each).
         "segmentation:  2 volume(s); voxels label 1: 24, label 2: 24, label 4: 16",
         "affine source: qform 2, sform 3",
-        "align Centre, normalise Minmax",
+        "grid 6,7,8, align centre, normalise minmax",
         "mtx-hpc pack --manifest m.csv",
     ] {
         assert!(t.contains(want), "missing '{want}' in:\n{t}");

@@ -79,6 +79,13 @@ fn describe_nifti(path: &Path) -> Result<String> {
     crate::data::nifti::read::describe(path)
 }
 
+/// The spelling the command line uses for an option value (`centre`, `minmax`), so the
+/// summary can be pasted back into a `pack` command.
+fn cli_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or_else(|| "?".to_string(), |p| p.get_name().to_string())
+}
+
 /// Subject by "ID", or "ID:SESSION" when the subject has several sessions.
 pub fn find_subject(corpus: &Corpus, key: &str) -> Result<usize> {
     let all = corpus.indices_of(key);
@@ -223,11 +230,11 @@ pub fn describe_corpus(c: &Corpus) -> Result<String> {
     let p = &info.params;
     writeln!(
         t,
-        "preprocessing: spacing {} mm, grid {:?}, align {:?}, normalise {:?}, volume {}",
+        "preprocessing: spacing {} mm, grid {}, align {}, normalise {}, volume {}",
         p.spacing,
-        p.grid,
-        p.align,
-        p.normalise,
+        p.grid.map(|g| g.to_string()).join(","),
+        cli_name(p.align),
+        cli_name(p.normalise),
         p.volume.map_or("-".to_string(), |v| v.to_string())
     )?;
     writeln!(t, "tool version:  {}", info.tool_version)?;
