@@ -17,6 +17,9 @@ fn cli_doc_matches_help_of_every_subcommand() {
             "docs/CLI.md is out of date for `mtx-hpc {}`: run scripts/gen-cli-doc.sh",
             sub.join(" ")
         );
-        assert!(help.contains("Examples:"), "`{sub:?} --help` has no examples");
+        assert!(
+            help.contains("Examples:"),
+            "`{sub:?} --help` has no examples"
+        );
     }
 }

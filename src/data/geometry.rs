@@ -88,6 +88,48 @@ pub fn axcodes(m: &Mat4) -> String {
     out
 }
 
+/// The NIfTI-1 qform: rotation from the quaternion (b, c, d; a recovered from unit length),
+/// voxel sizes `pixdim`, `qfac` (-1 flips the third axis) and the offset, as the standard
+/// defines it. Shared by the reader and the writer so they cannot disagree.
+pub fn quaternion_affine(bcd: [f64; 3], pixdim: [f64; 3], qfac: f64, offset: [f64; 3]) -> Mat4 {
+    let [mut b, mut c, mut d] = bcd;
+    let sq = b * b + c * c + d * d;
+    let a = if sq > 1.0 {
+        // Rounding pushed it past unit length: renormalise, a rotation by 180 degrees.
+        let n = sq.sqrt();
+        (b, c, d) = (b / n, c / n, d / n);
+        0.0
+    } else {
+        (1.0 - sq).sqrt()
+    };
+    let r = [
+        [
+            a * a + b * b - c * c - d * d,
+            2.0 * (b * c - a * d),
+            2.0 * (b * d + a * c),
+        ],
+        [
+            2.0 * (b * c + a * d),
+            a * a + c * c - b * b - d * d,
+            2.0 * (c * d - a * b),
+        ],
+        [
+            2.0 * (b * d - a * c),
+            2.0 * (c * d + a * b),
+            a * a + d * d - b * b - c * c,
+        ],
+    ];
+    let s = [pixdim[0], pixdim[1], pixdim[2] * qfac];
+    let mut m = IDENTITY;
+    for i in 0..3 {
+        for j in 0..3 {
+            m[i][j] = r[i][j] * s[j];
+        }
+        m[i][3] = offset[i];
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -652,56 +652,13 @@ pub fn sform_affine(h: &NiftiHeader) -> Mat4 {
 /// The qform from its quaternion (b, c, d; a recovered from unit length), the voxel sizes and
 /// qfac = pixdim[0] (-1 flips the third axis), as the NIfTI-1 standard defines it.
 pub fn qform_affine(h: &NiftiHeader) -> Mat4 {
-    let (mut b, mut c, mut d) = (
-        f64::from(h.quatern_b),
-        f64::from(h.quatern_c),
-        f64::from(h.quatern_d),
-    );
-    let sq = b * b + c * c + d * d;
-    let a = if sq > 1.0 {
-        // Rounding pushed it past unit length: renormalise, a rotation by 180 degrees.
-        let n = sq.sqrt();
-        (b, c, d) = (b / n, c / n, d / n);
-        0.0
-    } else {
-        (1.0 - sq).sqrt()
-    };
-    let r = [
-        [
-            a * a + b * b - c * c - d * d,
-            2.0 * (b * c - a * d),
-            2.0 * (b * d + a * c),
-        ],
-        [
-            2.0 * (b * c + a * d),
-            a * a + c * c - b * b - d * d,
-            2.0 * (c * d - a * b),
-        ],
-        [
-            2.0 * (b * d - a * c),
-            2.0 * (c * d + a * b),
-            a * a + d * d - b * b - c * c,
-        ],
-    ];
     let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
-    let s = [
-        f64::from(h.pixdim[1]),
-        f64::from(h.pixdim[2]),
-        f64::from(h.pixdim[3]) * qfac,
-    ];
-    let t = [
-        f64::from(h.quatern_x),
-        f64::from(h.quatern_y),
-        f64::from(h.quatern_z),
-    ];
-    let mut m = geometry::IDENTITY;
-    for i in 0..3 {
-        for j in 0..3 {
-            m[i][j] = r[i][j] * s[j];
-        }
-        m[i][3] = t[i];
-    }
-    m
+    geometry::quaternion_affine(
+        [h.quatern_b, h.quatern_c, h.quatern_d].map(f64::from),
+        [h.pixdim[1], h.pixdim[2], h.pixdim[3]].map(f64::from),
+        qfac,
+        [h.quatern_x, h.quatern_y, h.quatern_z].map(f64::from),
+    )
 }
 
 /// The .img file that goes with a .hdr (also .img.gz).

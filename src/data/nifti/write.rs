@@ -327,34 +327,7 @@ fn quaternion_of(r: &[[f64; 3]; 3]) -> (f64, f64, f64, f64) {
 
 /// The qform affine rebuilt from (b, c, d, qfac, pixdim, offsets) as NIfTI-1 defines it.
 pub fn qform_matrix(q: &Quatern, offset: [f64; 3]) -> Mat4 {
-    let (b, c, d) = (q.b, q.c, q.d);
-    let a = (1.0 - b * b - c * c - d * d).max(0.0).sqrt();
-    let r = [
-        [
-            a * a + b * b - c * c - d * d,
-            2.0 * (b * c - a * d),
-            2.0 * (b * d + a * c),
-        ],
-        [
-            2.0 * (b * c + a * d),
-            a * a + c * c - b * b - d * d,
-            2.0 * (c * d - a * b),
-        ],
-        [
-            2.0 * (b * d - a * c),
-            2.0 * (c * d + a * b),
-            a * a + d * d - c * c - b * b,
-        ],
-    ];
-    let scale = [q.pixdim[0], q.pixdim[1], q.pixdim[2] * q.qfac];
-    let mut m = crate::data::geometry::IDENTITY;
-    for row in 0..3 {
-        for col in 0..3 {
-            m[row][col] = r[row][col] * scale[col];
-        }
-        m[row][3] = offset[row];
-    }
-    m
+    crate::data::geometry::quaternion_affine([q.b, q.c, q.d], q.pixdim, q.qfac, offset)
 }
 
 fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
