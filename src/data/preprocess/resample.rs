@@ -249,7 +249,17 @@ pub fn resample_general(
 ) -> Vec<f32> {
     let filtered = prefilter(src, dims, widths);
     let vol = filtered.as_deref().unwrap_or(src);
-    let mut out = vec![0.0f32; grid[0] * grid[1] * grid[2]];
+    from_source_positions(grid, m, |p| trilinear(vol, dims, p))
+}
+
+/// A grid volume (z fastest) whose voxel g is `value(m * g)`, the source position of g;
+/// parallel over x slabs.
+fn from_source_positions<T: Copy + Default + Send>(
+    grid: [usize; 3],
+    m: &Mat4,
+    value: impl Fn([f64; 3]) -> T + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); grid[0] * grid[1] * grid[2]];
     out.par_chunks_mut(grid[1] * grid[2])
         .enumerate()
         .for_each(|(x, slab)| {
@@ -258,7 +268,7 @@ pub fn resample_general(
                     let g = [x as f64, y as f64, z as f64];
                     let p: [f64; 3] = [0, 1, 2]
                         .map(|r| m[r][0] * g[0] + m[r][1] * g[1] + m[r][2] * g[2] + m[r][3]);
-                    slab[y * grid[2] + z] = trilinear(vol, dims, p);
+                    slab[y * grid[2] + z] = value(p);
                 }
             }
         });
@@ -404,51 +414,33 @@ pub fn resample_labels(labels: &[u8], dims: [usize; 3], m: &Mat4, grid: [usize; 
         }
         v
     };
-    let mut out = vec![0u8; grid[0] * grid[1] * grid[2]];
     // Lesions are small: grid voxels whose footprint misses the box around every non-zero
     // source label are background without looking (this made tumour subjects 6x slower).
     let Some((lo, hi)) = nonzero_box(labels, dims) else {
-        return out;
+        return vec![0; grid[0] * grid[1] * grid[2]];
     };
     let reach = offsets
         .iter()
         .flat_map(|o| o.iter().map(|v| v.abs()))
         .fold(0.0f64, f64::max)
         + 1.0;
-    out.par_chunks_mut(grid[1] * grid[2])
-        .enumerate()
-        .for_each(|(x, slab)| {
-            for y in 0..grid[1] {
-                for z in 0..grid[2] {
-                    let g = [x as f64, y as f64, z as f64];
-                    let p: [f64; 3] = [0, 1, 2]
-                        .map(|r| m[r][0] * g[0] + m[r][1] * g[1] + m[r][2] * g[2] + m[r][3]);
-                    if (0..3).any(|a| p[a] < lo[a] as f64 - reach || p[a] > hi[a] as f64 + reach) {
-                        continue;
-                    }
-                    let mut best = 0u8;
-                    for off in &offsets {
-                        let q = [p[0] + off[0], p[1] + off[1], p[2] + off[2]].map(f64::round);
-                        if q[0] < 0.0
-                            || q[1] < 0.0
-                            || q[2] < 0.0
-                            || q[0] >= dims[0] as f64
-                            || q[1] >= dims[1] as f64
-                            || q[2] >= dims[2] as f64
-                        {
-                            continue;
-                        }
-                        let l = labels
-                            [(q[2] as usize * dims[1] + q[1] as usize) * dims[0] + q[0] as usize];
-                        if severity(l) > severity(best) {
-                            best = l;
-                        }
-                    }
-                    slab[y * grid[2] + z] = best;
-                }
+    from_source_positions(grid, m, |p| {
+        if (0..3).any(|a| p[a] < lo[a] as f64 - reach || p[a] > hi[a] as f64 + reach) {
+            return 0;
+        }
+        let mut best = 0u8;
+        for off in &offsets {
+            let q = [p[0] + off[0], p[1] + off[1], p[2] + off[2]].map(f64::round);
+            if (0..3).any(|a| q[a] < 0.0 || q[a] >= dims[a] as f64) {
+                continue;
             }
-        });
-    out
+            let l = labels[(q[2] as usize * dims[1] + q[1] as usize) * dims[0] + q[0] as usize];
+            if severity(l) > severity(best) {
+                best = l;
+            }
+        }
+        best
+    })
 }
 
 #[cfg(test)]
