@@ -209,7 +209,7 @@ pub fn read_raw(path: &Path, volume: Option<usize>) -> Result<RawImage> {
     } else {
         let off = header.vox_offset;
         if !off.is_finite() || off < HEADER_SIZE as f32 {
-            bail!("{name}: invalid vox_offset {off} (must be at least 352 in a .nii file)");
+            bail!("{name}: invalid vox_offset {off} (must be at least 348 in a .nii file)");
         }
         (path.to_path_buf(), off as usize, header_bytes)
     };
