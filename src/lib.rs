@@ -3,6 +3,7 @@
 //! The library does all the work; `main.rs` only calls [`cli::main`]. Rooms, one per concern:
 //! `data` (NIfTI, preprocessing, the cohort generator, the HDF5 corpus, sharding), `io`
 //! (atomic files, checksums), `progress` (what rank 0 shows on a terminal).
+pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod io;

@@ -1,0 +1,386 @@
+//! The backend: device buffers and the ops the model needs. The model is written once against
+//! [`Backend`]; `cpu` is the reference (and the finite-difference oracle), `cuda` (a later
+//! issue) implements the same trait with cuBLAS and our kernels.
+//!
+//! Conventions, shared by every implementation:
+//! - tensors are f32, row-major; images are NCHW (`[n, c, h, w]`), sequences `[b, t, d]`;
+//! - a *forward* op overwrites its output; a *backward* op overwrites the gradient of its
+//!   input (`dx = ...`) and **accumulates** into parameter gradients (`dw += ...`), because one
+//!   weight serves several planes and subjects;
+//! - reductions run in a fixed order (fixed chunks combined in a fixed order), so results do
+//!   not depend on the thread count.
+pub mod cpu;
+
+use std::ops::Range;
+
+/// Shape of a 2-D convolution without bias: `x [n, cin, h, w] * w [cout, cin, k, k] ->
+/// y [n, cout, ho, wo]` with `ho = (h + 2 pad - k) / stride + 1` (same for `wo`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2d {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl Conv2d {
+    pub fn out_hw(&self) -> (usize, usize) {
+        (
+            (self.h + 2 * self.pad - self.k) / self.stride + 1,
+            (self.w + 2 * self.pad - self.k) / self.stride + 1,
+        )
+    }
+}
+
+/// Shape of a max-pool: `x [n, c, h, w] -> y [n, c, ho, wo]`, window `k`, `stride`, `pad`
+/// (padding never wins the max).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool2d {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl Pool2d {
+    pub fn out_hw(&self) -> (usize, usize) {
+        (
+            (self.h + 2 * self.pad - self.k) / self.stride + 1,
+            (self.w + 2 * self.pad - self.k) / self.stride + 1,
+        )
+    }
+}
+
+/// One operand of a strided batched GEMM: matrix `i` starts at `offset + i * stride`, rows
+/// `ld` apart; `trans` reads it transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatLayout {
+    pub trans: bool,
+    pub ld: usize,
+    pub stride: usize,
+}
+
+/// `c_i = alpha * op(a_i) op(b_i) + beta * c_i` for `i < batch`; `op(a_i)` is `m x k`,
+/// `op(b_i)` is `k x n`, `c_i` is `m x n`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub a: MatLayout,
+    pub b: MatLayout,
+    pub c: MatLayout,
+}
+
+/// Multi-head attention over `q, k, v [b, t, heads * dh]` with `softmax(q k^T * scale) v`,
+/// no mask (every position sees every other).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Attention {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub dh: usize,
+    pub scale: f32,
+}
+
+/// Adam/AdamW hyperparameters for one update; `step` counts from 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adam {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay (AdamW); 0 gives Adam.
+    pub weight_decay: f32,
+    pub step: u64,
+}
+
+/// Device buffers and ops. Views borrow parts of buffers, so a layer can see its slice of the
+/// one flat parameter buffer.
+pub trait Backend: Send + Sync {
+    /// An owned device buffer of f32.
+    type Buf: Send;
+    /// A read-only view of part of a buffer.
+    type View<'a>: Copy
+    where
+        Self: 'a;
+    /// A writable view of part of a buffer.
+    type ViewMut<'a>
+    where
+        Self: 'a;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory ----
+    /// A zeroed buffer of `len` values.
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn upload(&self, host: &[f32]) -> Self::Buf;
+    fn download(&self, buf: Self::View<'_>, host: &mut [f32]);
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::View<'a>;
+    fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'a>;
+    /// Splits a writable view at `mid` (for taking several outputs from one buffer).
+    fn split_mut<'a>(
+        &self,
+        v: Self::ViewMut<'a>,
+        mid: usize,
+    ) -> (Self::ViewMut<'a>, Self::ViewMut<'a>);
+    /// Reborrows a writable view as read-only.
+    fn as_view<'a, 'b>(&self, v: &'b Self::ViewMut<'a>) -> Self::View<'b>
+    where
+        'a: 'b;
+    fn fill(&self, x: Self::ViewMut<'_>, value: f32);
+    fn copy(&self, src: Self::View<'_>, dst: Self::ViewMut<'_>);
+
+    // ---- linear algebra ----
+    fn gemm(&self, g: &Gemm, a: Self::View<'_>, b: Self::View<'_>, c: Self::ViewMut<'_>);
+
+    // ---- convolution (no bias) ----
+    fn conv2d_forward(
+        &self,
+        s: &Conv2d,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        y: Self::ViewMut<'_>,
+    );
+    /// `dx = conv^T(dy, w)`.
+    fn conv2d_backward_data(
+        &self,
+        s: &Conv2d,
+        dy: Self::View<'_>,
+        w: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+    );
+    /// `dw += x (*) dy`.
+    fn conv2d_backward_weight(
+        &self,
+        s: &Conv2d,
+        x: Self::View<'_>,
+        dy: Self::View<'_>,
+        dw: Self::ViewMut<'_>,
+    );
+
+    // ---- normalisation ----
+    /// Instance norm over each (sample, channel) plane of `hw` values with learnable affine
+    /// `gamma, beta [c]`; saves `mean, rstd [n * c]` for backward. `relu` fuses a ReLU on the
+    /// output.
+    #[allow(clippy::too_many_arguments)]
+    fn instance_norm_forward(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        eps: f32,
+        relu: bool,
+        x: Self::View<'_>,
+        gamma: Self::View<'_>,
+        beta: Self::View<'_>,
+        y: Self::ViewMut<'_>,
+        mean: Self::ViewMut<'_>,
+        rstd: Self::ViewMut<'_>,
+    );
+    /// Backward of the above (`y` is the forward output, used for the fused ReLU's mask):
+    /// `dx =`, `dgamma +=`, `dbeta +=`.
+    #[allow(clippy::too_many_arguments)]
+    fn instance_norm_backward(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        relu: bool,
+        x: Self::View<'_>,
+        y: Self::View<'_>,
+        gamma: Self::View<'_>,
+        mean: Self::View<'_>,
+        rstd: Self::View<'_>,
+        dy: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        dgamma: Self::ViewMut<'_>,
+        dbeta: Self::ViewMut<'_>,
+    );
+    /// Layer norm over the last dimension `d` of `rows` rows; saves `mean, rstd [rows]`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_forward(
+        &self,
+        rows: usize,
+        d: usize,
+        eps: f32,
+        x: Self::View<'_>,
+        gamma: Self::View<'_>,
+        beta: Self::View<'_>,
+        y: Self::ViewMut<'_>,
+        mean: Self::ViewMut<'_>,
+        rstd: Self::ViewMut<'_>,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &self,
+        rows: usize,
+        d: usize,
+        x: Self::View<'_>,
+        gamma: Self::View<'_>,
+        mean: Self::View<'_>,
+        rstd: Self::View<'_>,
+        dy: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        dgamma: Self::ViewMut<'_>,
+        dbeta: Self::ViewMut<'_>,
+    );
+
+    // ---- elementwise ----
+    fn relu_forward(&self, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// `dx = dy * (y > 0)`.
+    fn relu_backward(&self, y: Self::View<'_>, dy: Self::View<'_>, dx: Self::ViewMut<'_>);
+    /// `y = a + b` (residual connections).
+    fn add(&self, a: Self::View<'_>, b: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// `y += alpha * x`.
+    fn axpy(&self, alpha: f32, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// `y[r, :] += bias` for every row (`bias [d]`).
+    fn add_bias(&self, rows: usize, d: usize, bias: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// `dbias += sum over rows of dy[r, :]`.
+    fn bias_backward(&self, rows: usize, d: usize, dy: Self::View<'_>, dbias: Self::ViewMut<'_>);
+
+    // ---- pooling ----
+    fn max_pool_forward(&self, s: &Pool2d, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// Routes each `dy` to the first maximal input of its window (recomputed from `x`, `y`).
+    fn max_pool_backward(
+        &self,
+        s: &Pool2d,
+        x: Self::View<'_>,
+        y: Self::View<'_>,
+        dy: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+    );
+    /// `y [n, c] = mean over hw of x [n, c, hw]`.
+    fn avg_pool_forward(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        x: Self::View<'_>,
+        y: Self::ViewMut<'_>,
+    );
+    fn avg_pool_backward(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        dy: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+    );
+
+    // ---- attention ----
+    /// `out = softmax(q k^T scale) v` per (batch, head); saves the probabilities
+    /// `probs [b, heads, t, t]` for backward.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        s: &Attention,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        probs: Self::ViewMut<'_>,
+        out: Self::ViewMut<'_>,
+    );
+    /// `dq, dk, dv =` from `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        s: &Attention,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        probs: Self::View<'_>,
+        dout: Self::View<'_>,
+        dq: Self::ViewMut<'_>,
+        dk: Self::ViewMut<'_>,
+        dv: Self::ViewMut<'_>,
+    );
+
+    // ---- sequence assembly ----
+    /// Tokens: `y[b, t, :] = x[b, t, :] * scale + pos[t, :] + plane[:]` (`pos [t, d]`, `plane [d]`).
+    #[allow(clippy::too_many_arguments)]
+    fn embed_forward(
+        &self,
+        b: usize,
+        t: usize,
+        d: usize,
+        scale: f32,
+        x: Self::View<'_>,
+        pos: Self::View<'_>,
+        plane: Self::View<'_>,
+        y: Self::ViewMut<'_>,
+    );
+    /// `dx = dy * scale`, `dplane += sum over b, t of dy` (positions are fixed, no gradient).
+    #[allow(clippy::too_many_arguments)]
+    fn embed_backward(
+        &self,
+        b: usize,
+        t: usize,
+        d: usize,
+        scale: f32,
+        dy: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        dplane: Self::ViewMut<'_>,
+    );
+    /// Rows `rows` (host indices into `x [rows_total, d]`; masks are drawn on the host) are
+    /// replaced by `token [d]`.
+    fn mask_scatter(&self, d: usize, rows: &[u32], token: Self::View<'_>, x: Self::ViewMut<'_>);
+    /// `y[i, :] = x[rows[i], :]`.
+    fn gather_rows(&self, d: usize, rows: &[u32], x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// `dx[rows[i], :] += dy[i, :]` (rows distinct).
+    fn scatter_add_rows(&self, d: usize, rows: &[u32], dy: Self::View<'_>, dx: Self::ViewMut<'_>);
+
+    // ---- losses (the scalar loss is written into `loss[0]`) ----
+    /// `loss = mean((pred - target)^2)` over all values; `dpred = 2 (pred - target) / len * scale`.
+    fn mse(
+        &self,
+        scale: f32,
+        pred: Self::View<'_>,
+        target: Self::View<'_>,
+        loss: Self::ViewMut<'_>,
+        dpred: Self::ViewMut<'_>,
+    );
+    /// Triplet margin loss over `rows` triples of `d`-vectors, mean over rows:
+    /// `max(0, ||a - p + eps||_2 - ||a - n + eps||_2 + margin)`, eps = 1e-6 (PyTorch's
+    /// pairwise distance); writes `da, dp, dn` scaled by `scale`.
+    #[allow(clippy::too_many_arguments)]
+    fn triplet(
+        &self,
+        rows: usize,
+        d: usize,
+        margin: f32,
+        scale: f32,
+        a: Self::View<'_>,
+        p: Self::View<'_>,
+        n: Self::View<'_>,
+        loss: Self::ViewMut<'_>,
+        da: Self::ViewMut<'_>,
+        dp: Self::ViewMut<'_>,
+        dn: Self::ViewMut<'_>,
+    );
+
+    // ---- optimizer ----
+    fn adam(
+        &self,
+        h: &Adam,
+        params: Self::ViewMut<'_>,
+        grads: Self::View<'_>,
+        m: Self::ViewMut<'_>,
+        v: Self::ViewMut<'_>,
+    );
+    /// Sum of squares of `x` in a fixed reduction order, returned to the host as f64.
+    fn sum_squares(&self, x: Self::View<'_>) -> f64;
+    /// `x *= alpha`.
+    fn scale(&self, alpha: f32, x: Self::ViewMut<'_>);
+}
