@@ -7,7 +7,9 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod io;
+pub mod model;
 pub mod progress;
+pub mod rng;
 
 /// The tool's version, written into every file we produce.
 pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");

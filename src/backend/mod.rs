@@ -139,6 +139,10 @@ pub trait Backend: Send + Sync {
     fn as_view<'a, 'b>(&self, v: &'b Self::ViewMut<'a>) -> Self::View<'b>
     where
         'a: 'b;
+    /// Reborrows a writable view for one call, so the view can be used again after it.
+    fn reborrow_mut<'a, 'b>(&self, v: &'b mut Self::ViewMut<'a>) -> Self::ViewMut<'b>
+    where
+        'a: 'b;
     fn fill(&self, x: Self::ViewMut<'_>, value: f32);
     fn copy(&self, src: Self::View<'_>, dst: Self::ViewMut<'_>);
 

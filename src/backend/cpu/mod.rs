@@ -79,6 +79,12 @@ impl Backend for Cpu {
     {
         v
     }
+    fn reborrow_mut<'a, 'b>(&self, v: &'b mut &'a mut [f32]) -> &'b mut [f32]
+    where
+        'a: 'b,
+    {
+        v
+    }
     fn fill(&self, x: &mut [f32], value: f32) {
         x.fill(value);
     }

@@ -1,0 +1,426 @@
+//! The slice encoder: ResNet-18 layout at reduced width with instance norm (PAPER.md). A
+//! forward pass over a batch of same-sized slices returns one D-vector per slice and a tape
+//! of saved activations; the backward pass walks the tape in reverse, so parameter gradients
+//! finish in layout order (fc first, stem last) and accumulate into the flat gradient buffer.
+use super::linear;
+use super::params::{ParamIndex, two_mut, view, view_mut};
+use crate::backend::{Backend, Conv2d, Pool2d};
+
+/// The encoder's shape, from the model config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncoderSpec {
+    /// Channel width of each stage; the stem has `widths[0]` channels.
+    pub widths: Vec<usize>,
+    /// Output vector length D.
+    pub d: usize,
+    pub eps: f32,
+}
+
+/// A conv + instance norm pair as the forward pass left it.
+struct NormedConv<B: Backend> {
+    /// Layout names of the conv weight and of the norm (`{norm}.gamma`, `{norm}.beta`).
+    conv_name: String,
+    norm_name: String,
+    conv: Conv2d,
+    /// Convolution output (the norm's input).
+    pre: B::Buf,
+    /// Norm output (after the fused ReLU when `relu`).
+    post: B::Buf,
+    mean: B::Buf,
+    rstd: B::Buf,
+    relu: bool,
+}
+
+struct Block<B: Backend> {
+    c1: NormedConv<B>,
+    c2: NormedConv<B>,
+    down: Option<NormedConv<B>>,
+    /// relu(c2.post + skip): the block output.
+    out: B::Buf,
+}
+
+/// Everything backward needs from one forward pass.
+pub struct EncoderTape<B: Backend> {
+    n: usize,
+    input: B::Buf,
+    stem: NormedConv<B>,
+    pool: Pool2d,
+    pooled: B::Buf,
+    blocks: Vec<Block<B>>,
+    /// Global average pool output [n, c_last].
+    feat: B::Buf,
+}
+
+fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
+    be.view(buf, 0..be.len(buf))
+}
+
+fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
+    let len = be.len(buf);
+    be.view_mut(buf, 0..len)
+}
+
+fn names(conv: &str, norm: &str) -> (String, String) {
+    (conv.to_string(), norm.to_string())
+}
+
+/// conv (no bias) then instance norm, with an optional fused ReLU.
+#[allow(clippy::too_many_arguments)]
+fn normed_conv_forward<B: Backend>(
+    be: &B,
+    eps: f32,
+    params: &B::Buf,
+    idx: &impl ParamIndex,
+    (conv_name, norm_name): (String, String),
+    conv: Conv2d,
+    x: B::View<'_>,
+    relu: bool,
+) -> NormedConv<B> {
+    let (ho, wo) = conv.out_hw();
+    let len = conv.n * conv.cout * ho * wo;
+    let mut pre = be.zeros(len);
+    be.conv2d_forward(
+        &conv,
+        x,
+        view(be, params, idx, &conv_name),
+        all_mut(be, &mut pre),
+    );
+    let mut post = be.zeros(len);
+    let mut mean = be.zeros(conv.n * conv.cout);
+    let mut rstd = be.zeros(conv.n * conv.cout);
+    be.instance_norm_forward(
+        conv.n,
+        conv.cout,
+        ho * wo,
+        eps,
+        relu,
+        all(be, &pre),
+        view(be, params, idx, &format!("{norm_name}.gamma")),
+        view(be, params, idx, &format!("{norm_name}.beta")),
+        all_mut(be, &mut post),
+        all_mut(be, &mut mean),
+        all_mut(be, &mut rstd),
+    );
+    NormedConv {
+        conv_name,
+        norm_name,
+        conv,
+        pre,
+        post,
+        mean,
+        rstd,
+        relu,
+    }
+}
+
+/// Backward of [`normed_conv_forward`]: `dpost` is the gradient at the norm's output; returns
+/// the gradient at the conv's input `x` (when asked) and accumulates the three parameter
+/// gradients (norm first, then conv: layout order).
+#[allow(clippy::too_many_arguments)]
+fn normed_conv_backward<B: Backend>(
+    be: &B,
+    params: &B::Buf,
+    grads: &mut B::Buf,
+    idx: &impl ParamIndex,
+    t: &NormedConv<B>,
+    x: B::View<'_>,
+    dpost: B::View<'_>,
+    want_dx: bool,
+) -> Option<B::Buf> {
+    let (ho, wo) = t.conv.out_hw();
+    let c = &t.conv;
+    let mut dpre = be.zeros(c.n * c.cout * ho * wo);
+    {
+        let (dg, db) = two_mut(
+            be,
+            grads,
+            idx,
+            &format!("{}.gamma", t.norm_name),
+            &format!("{}.beta", t.norm_name),
+        );
+        be.instance_norm_backward(
+            c.n,
+            c.cout,
+            ho * wo,
+            t.relu,
+            all(be, &t.pre),
+            all(be, &t.post),
+            view(be, params, idx, &format!("{}.gamma", t.norm_name)),
+            all(be, &t.mean),
+            all(be, &t.rstd),
+            dpost,
+            all_mut(be, &mut dpre),
+            dg,
+            db,
+        );
+    }
+    be.conv2d_backward_weight(c, x, all(be, &dpre), view_mut(be, grads, idx, &t.conv_name));
+    want_dx.then(|| {
+        let mut dx = be.zeros(c.n * c.cin * c.h * c.w);
+        be.conv2d_backward_data(
+            c,
+            all(be, &dpre),
+            view(be, params, idx, &t.conv_name),
+            all_mut(be, &mut dx),
+        );
+        dx
+    })
+}
+
+/// Encodes `n` slices `x [n, 1, h, w]` into vectors `[n, d]`, keeping the tape.
+pub fn forward<B: Backend>(
+    be: &B,
+    spec: &EncoderSpec,
+    params: &B::Buf,
+    idx: &impl ParamIndex,
+    x: B::View<'_>,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> (B::Buf, EncoderTape<B>) {
+    let input = {
+        let mut b = be.zeros(n * h * w);
+        be.copy(x, all_mut(be, &mut b));
+        b
+    };
+    let stem_conv = Conv2d {
+        n,
+        cin: 1,
+        h,
+        w,
+        cout: spec.widths[0],
+        k: 7,
+        stride: 2,
+        pad: 3,
+    };
+    let stem = normed_conv_forward(
+        be,
+        spec.eps,
+        params,
+        idx,
+        names("encoder.stem.conv", "encoder.stem.norm"),
+        stem_conv,
+        all(be, &input),
+        true,
+    );
+    let (sh, sw) = stem_conv.out_hw();
+    let pool = Pool2d {
+        n,
+        c: spec.widths[0],
+        h: sh,
+        w: sw,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let (ph, pw) = pool.out_hw();
+    let mut pooled = be.zeros(n * pool.c * ph * pw);
+    be.max_pool_forward(&pool, all(be, &stem.post), all_mut(be, &mut pooled));
+
+    let mut blocks: Vec<Block<B>> = Vec::new();
+    let (mut c, mut hh, mut ww) = (spec.widths[0], ph, pw);
+    for (s, &width) in spec.widths.iter().enumerate() {
+        for b in 0..2 {
+            let stride = if s > 0 && b == 0 { 2 } else { 1 };
+            let prefix = format!("encoder.s{}.b{}", s + 1, b + 1);
+            let input = blocks.last().map_or(&pooled, |blk| &blk.out);
+            let conv3 = |cin, h, w, stride| Conv2d {
+                n,
+                cin,
+                h,
+                w,
+                cout: width,
+                k: 3,
+                stride,
+                pad: 1,
+            };
+            let c1 = normed_conv_forward(
+                be,
+                spec.eps,
+                params,
+                idx,
+                names(&format!("{prefix}.conv1"), &format!("{prefix}.norm1")),
+                conv3(c, hh, ww, stride),
+                all(be, input),
+                true,
+            );
+            let (oh, ow) = c1.conv.out_hw();
+            let c2 = normed_conv_forward(
+                be,
+                spec.eps,
+                params,
+                idx,
+                names(&format!("{prefix}.conv2"), &format!("{prefix}.norm2")),
+                conv3(width, oh, ow, 1),
+                all(be, &c1.post),
+                false,
+            );
+            let down = (stride != 1 || c != width).then(|| {
+                let conv = Conv2d {
+                    n,
+                    cin: c,
+                    h: hh,
+                    w: ww,
+                    cout: width,
+                    k: 1,
+                    stride,
+                    pad: 0,
+                };
+                normed_conv_forward(
+                    be,
+                    spec.eps,
+                    params,
+                    idx,
+                    names(
+                        &format!("{prefix}.down.conv"),
+                        &format!("{prefix}.down.norm"),
+                    ),
+                    conv,
+                    all(be, input),
+                    false,
+                )
+            });
+            let mut out = be.zeros(n * width * oh * ow);
+            let skip = down.as_ref().map_or(input, |d| &d.post);
+            be.add(all(be, &c2.post), all(be, skip), all_mut(be, &mut out));
+            let mut relu_out = be.zeros(n * width * oh * ow);
+            be.relu_forward(all(be, &out), all_mut(be, &mut relu_out));
+            blocks.push(Block {
+                c1,
+                c2,
+                down,
+                out: relu_out,
+            });
+            (c, hh, ww) = (width, oh, ow);
+        }
+    }
+    let mut feat = be.zeros(n * c);
+    let last = blocks.last().map_or(&pooled, |b| &b.out);
+    be.avg_pool_forward(n, c, hh * ww, all(be, last), all_mut(be, &mut feat));
+    let mut out = be.zeros(n * spec.d);
+    linear::forward(
+        be,
+        n,
+        c,
+        spec.d,
+        all(be, &feat),
+        view(be, params, idx, "encoder.fc.weight"),
+        view(be, params, idx, "encoder.fc.bias"),
+        all_mut(be, &mut out),
+    );
+    let tape = EncoderTape {
+        n,
+        input,
+        stem,
+        pool,
+        pooled,
+        blocks,
+        feat,
+    };
+    (out, tape)
+}
+
+/// Backward through the whole encoder from `dout [n, d]`, accumulating every encoder
+/// parameter gradient into `grads` (in layout order: fc first, stem last).
+pub fn backward<B: Backend>(
+    be: &B,
+    spec: &EncoderSpec,
+    params: &B::Buf,
+    grads: &mut B::Buf,
+    idx: &impl ParamIndex,
+    tape: &EncoderTape<B>,
+    dout: B::View<'_>,
+) {
+    let n = tape.n;
+    let c_last = *spec.widths.last().unwrap_or(&0);
+    let mut dfeat = be.zeros(n * c_last);
+    {
+        let (dw, db) = two_mut(be, grads, idx, "encoder.fc.weight", "encoder.fc.bias");
+        linear::backward(
+            be,
+            n,
+            c_last,
+            spec.d,
+            all(be, &tape.feat),
+            view(be, params, idx, "encoder.fc.weight"),
+            dout,
+            Some(all_mut(be, &mut dfeat)),
+            dw,
+            db,
+        );
+    }
+    let last_hw = tape.blocks.last().map_or(0, |b| {
+        let (h, w) = b.c2.conv.out_hw();
+        h * w
+    });
+    let mut d = be.zeros(n * c_last * last_hw);
+    be.avg_pool_backward(n, c_last, last_hw, all(be, &dfeat), all_mut(be, &mut d));
+
+    for (i, blk) in tape.blocks.iter().enumerate().rev() {
+        let input = if i == 0 {
+            &tape.pooled
+        } else {
+            &tape.blocks[i - 1].out
+        };
+        let mut g = be.zeros(be.len(&blk.out));
+        be.relu_backward(all(be, &blk.out), all(be, &d), all_mut(be, &mut g));
+        // The skip path first: its parameters come first in the layout.
+        let dskip = match &blk.down {
+            Some(down) => normed_conv_backward(
+                be,
+                params,
+                grads,
+                idx,
+                down,
+                all(be, input),
+                all(be, &g),
+                true,
+            ),
+            None => None,
+        };
+        let da1 = normed_conv_backward(
+            be,
+            params,
+            grads,
+            idx,
+            &blk.c2,
+            all(be, &blk.c1.post),
+            all(be, &g),
+            true,
+        )
+        .unwrap_or_else(|| be.zeros(0));
+        let dmain = normed_conv_backward(
+            be,
+            params,
+            grads,
+            idx,
+            &blk.c1,
+            all(be, input),
+            all(be, &da1),
+            true,
+        )
+        .unwrap_or_else(|| be.zeros(0));
+        let mut dx = be.zeros(be.len(input));
+        let skip_grad = dskip.as_ref().unwrap_or(&g);
+        be.add(all(be, &dmain), all(be, skip_grad), all_mut(be, &mut dx));
+        d = dx;
+    }
+    let mut dstem = be.zeros(be.len(&tape.stem.post));
+    be.max_pool_backward(
+        &tape.pool,
+        all(be, &tape.stem.post),
+        all(be, &tape.pooled),
+        all(be, &d),
+        all_mut(be, &mut dstem),
+    );
+    normed_conv_backward(
+        be,
+        params,
+        grads,
+        idx,
+        &tape.stem,
+        all(be, &tape.input),
+        all(be, &dstem),
+        false,
+    );
+}

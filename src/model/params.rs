@@ -1,0 +1,53 @@
+//! How model code finds its tensors in the one flat parameter buffer (and the gradient
+//! buffer of the same layout): by layout name, through [`ParamIndex`], with helpers that hand
+//! out views without fighting the borrow checker.
+use crate::backend::Backend;
+use std::ops::Range;
+
+/// Where each named tensor lives in the flat buffers. Implemented by the layout table.
+pub trait ParamIndex {
+    /// The range of `name`; the layout is fixed by the config, so a missing name is a bug.
+    fn range_of(&self, name: &str) -> Range<usize>;
+}
+
+/// A read-only view of tensor `name`.
+pub fn view<'a, B: Backend>(
+    be: &B,
+    buf: &'a B::Buf,
+    idx: &impl ParamIndex,
+    name: &str,
+) -> B::View<'a> {
+    be.view(buf, idx.range_of(name))
+}
+
+/// A writable view of tensor `name`.
+pub fn view_mut<'a, B: Backend>(
+    be: &B,
+    buf: &'a mut B::Buf,
+    idx: &impl ParamIndex,
+    name: &str,
+) -> B::ViewMut<'a> {
+    be.view_mut(buf, idx.range_of(name))
+}
+
+/// Writable views of two tensors at once (e.g. a norm's gamma and beta gradients).
+pub fn two_mut<'a, B: Backend>(
+    be: &B,
+    buf: &'a mut B::Buf,
+    idx: &impl ParamIndex,
+    first: &str,
+    second: &str,
+) -> (B::ViewMut<'a>, B::ViewMut<'a>) {
+    let (r1, r2) = (idx.range_of(first), idx.range_of(second));
+    if r1.end <= r2.start {
+        let whole = be.view_mut(buf, r1.start..r2.end);
+        let (a, rest) = be.split_mut(whole, r1.len());
+        let (_, rest) = be.split_mut(rest, r2.start - r1.end);
+        let (b, _) = be.split_mut(rest, r2.len());
+        (a, b)
+    } else {
+        assert!(r2.end <= r1.start, "tensors {first} and {second} overlap");
+        let (b, a) = two_mut(be, buf, idx, second, first);
+        (a, b)
+    }
+}
