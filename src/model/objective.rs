@@ -1,0 +1,214 @@
+//! The two pretraining objectives over a batch of subjects, summed over the three planes:
+//! masked encoding vector prediction (MEVP, encoder frozen: gradients reach the transformer
+//! only) and the triplet loss (encoder only). Both return the loss and, when given a gradient
+//! buffer, accumulate into it.
+use super::encoder::{self, EncoderSpec};
+use super::params::ParamIndex;
+use super::planes::{PLANES, Plane};
+use super::transformer::{self, TransformerSpec};
+use crate::backend::Backend;
+
+/// The network's shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Net {
+    pub grid: [usize; 3],
+    pub encoder: EncoderSpec,
+    pub transformer: TransformerSpec,
+}
+
+fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
+    be.view(buf, 0..be.len(buf))
+}
+
+fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
+    let len = be.len(buf);
+    be.view_mut(buf, 0..len)
+}
+
+fn scalar<B: Backend>(be: &B, buf: &B::Buf) -> f64 {
+    let mut host = [0.0f32];
+    be.download(be.view(buf, 0..1), &mut host);
+    f64::from(host[0])
+}
+
+/// The slices of plane `plane` of `b` subjects `volumes [b, X, Y, Z]`, uploaded.
+fn plane_slices<B: Backend>(
+    be: &B,
+    grid: [usize; 3],
+    plane: Plane,
+    volumes: &[f32],
+    b: usize,
+) -> B::Buf {
+    let per = grid.iter().product::<usize>();
+    let (n, h, w) = plane.geometry(grid);
+    let mut host = Vec::with_capacity(b * n * h * w);
+    for s in 0..b {
+        plane.extract(&volumes[s * per..(s + 1) * per], grid, &mut host);
+    }
+    be.upload(&host)
+}
+
+/// Encoder vectors `[b * slices, D]` of every slice of one plane (no tape kept).
+pub fn encode_plane<B: Backend>(
+    be: &B,
+    net: &Net,
+    params: &B::Buf,
+    idx: &impl ParamIndex,
+    plane: Plane,
+    volumes: &[f32],
+    b: usize,
+) -> B::Buf {
+    let (n, h, w) = plane.geometry(net.grid);
+    let slices = plane_slices(be, net.grid, plane, volumes, b);
+    encoder::forward(be, &net.encoder, params, idx, all(be, &slices), b * n, h, w).0
+}
+
+/// The [MASK] vector of a plane: the encoder's vector of a constant -1 slice.
+pub fn mask_token<B: Backend>(
+    be: &B,
+    net: &Net,
+    params: &B::Buf,
+    idx: &impl ParamIndex,
+    plane: Plane,
+) -> B::Buf {
+    let (_, h, w) = plane.geometry(net.grid);
+    let image = be.upload(&vec![-1.0; h * w]);
+    encoder::forward(be, &net.encoder, params, idx, all(be, &image), 1, h, w).0
+}
+
+/// The masked positions of one subject, per plane (sorted indices into that plane's slices).
+pub type Masks = [Vec<u32>; 3];
+
+/// MEVP loss of `b` subjects (sum over planes of the mean squared error over masked
+/// positions and components), with the encoder frozen. `targets[p]` are the encoder vectors
+/// of plane p (from [`encode_plane`], or a cache: they never change while the encoder is
+/// frozen); `tokens[p]` the [MASK] vectors; `pos[p]` the position codes `[slices, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn mevp<B: Backend>(
+    be: &B,
+    net: &Net,
+    params: &B::Buf,
+    mut grads: Option<&mut B::Buf>,
+    idx: &impl ParamIndex,
+    targets: &[B::Buf; 3],
+    tokens: &[B::Buf; 3],
+    pos: &[B::Buf; 3],
+    masks: &[Masks],
+) -> f64 {
+    let d = net.transformer.d;
+    let b = masks.len();
+    let mut total = 0.0;
+    for plane in PLANES {
+        let p = plane.index();
+        let (n, _, _) = plane.geometry(net.grid);
+        let rows: Vec<u32> = masks
+            .iter()
+            .enumerate()
+            .flat_map(|(s, m)| m[p].iter().map(move |&i| (s * n) as u32 + i))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let mut input = be.zeros(b * n * d);
+        be.copy(all(be, &targets[p]), all_mut(be, &mut input));
+        be.mask_scatter(d, &rows, all(be, &tokens[p]), all_mut(be, &mut input));
+        let (out, tape) = transformer::forward(
+            be,
+            &net.transformer,
+            params,
+            idx,
+            all(be, &input),
+            b,
+            n,
+            p,
+            all(be, &pos[p]),
+        );
+        let (mut pred, mut target) = (be.zeros(rows.len() * d), be.zeros(rows.len() * d));
+        be.gather_rows(d, &rows, all(be, &out), all_mut(be, &mut pred));
+        be.gather_rows(d, &rows, all(be, &targets[p]), all_mut(be, &mut target));
+        let (mut loss, mut dpred) = (be.zeros(1), be.zeros(rows.len() * d));
+        be.mse(
+            1.0,
+            all(be, &pred),
+            all(be, &target),
+            all_mut(be, &mut loss),
+            all_mut(be, &mut dpred),
+        );
+        total += scalar(be, &loss);
+        if let Some(grads) = grads.as_deref_mut() {
+            let mut dout = be.zeros(b * n * d);
+            be.scatter_add_rows(d, &rows, all(be, &dpred), all_mut(be, &mut dout));
+            transformer::backward(
+                be,
+                &net.transformer,
+                params,
+                grads,
+                idx,
+                &tape,
+                all(be, &dout),
+            );
+        }
+    }
+    total
+}
+
+/// Triplet loss of `b` subjects (sum over planes of the mean over slices): anchor = a slice,
+/// positive = the same slice of `positives` (the anchor volume after an intensity curve),
+/// negative = the same slice of the paired subject (2k <-> 2k+1). `b` must be even.
+#[allow(clippy::too_many_arguments)]
+pub fn triplet<B: Backend>(
+    be: &B,
+    net: &Net,
+    params: &B::Buf,
+    mut grads: Option<&mut B::Buf>,
+    idx: &impl ParamIndex,
+    anchors: &[f32],
+    positives: &[f32],
+    b: usize,
+    margin: f32,
+) -> f64 {
+    assert!(
+        b % 2 == 0 && b > 0,
+        "triplet batches pair subjects: b must be even"
+    );
+    let d = net.encoder.d;
+    let mut total = 0.0;
+    for plane in PLANES {
+        let (n, h, w) = plane.geometry(net.grid);
+        let rows = b * n;
+        let a_in = plane_slices(be, net.grid, plane, anchors, b);
+        let p_in = plane_slices(be, net.grid, plane, positives, b);
+        let (a, tape_a) =
+            encoder::forward(be, &net.encoder, params, idx, all(be, &a_in), rows, h, w);
+        let (p, tape_p) =
+            encoder::forward(be, &net.encoder, params, idx, all(be, &p_in), rows, h, w);
+        // Negatives are the paired subject's anchors: row s*n+i takes row (s^1)*n+i.
+        let pair: Vec<u32> = (0..rows)
+            .map(|r| (((r / n) ^ 1) * n + r % n) as u32)
+            .collect();
+        let mut neg = be.zeros(rows * d);
+        be.gather_rows(d, &pair, all(be, &a), all_mut(be, &mut neg));
+        let mut loss = be.zeros(1);
+        let (mut da, mut dp, mut dn) = (be.zeros(rows * d), be.zeros(rows * d), be.zeros(rows * d));
+        be.triplet(
+            rows,
+            d,
+            margin,
+            1.0,
+            all(be, &a),
+            all(be, &p),
+            all(be, &neg),
+            all_mut(be, &mut loss),
+            all_mut(be, &mut da),
+            all_mut(be, &mut dp),
+            all_mut(be, &mut dn),
+        );
+        total += scalar(be, &loss);
+        if let Some(grads) = grads.as_deref_mut() {
+            be.scatter_add_rows(d, &pair, all(be, &dn), all_mut(be, &mut da));
+            encoder::backward(be, &net.encoder, params, grads, idx, &tape_a, all(be, &da));
+            encoder::backward(be, &net.encoder, params, grads, idx, &tape_p, all(be, &dp));
+        }
+    }
+    total
+}
