@@ -1,0 +1,422 @@
+//! The pretraining loop: triplet (encoder) then MEVP (transformer, encoder frozen) in one run
+//! folder, with validation each epoch, early stopping, checkpoints and exact resume. Every
+//! random draw is keyed by (seed, epoch, subject, purpose), so a resumed run repeats the
+//! uninterrupted one bit for bit without saving any RNG state.
+use super::checkpoint::{self, Checkpoint, CheckpointMeta};
+use super::config::{RunConfig, Stage, Stages};
+use crate::backend::{Adam, Backend};
+use crate::data::corpus::Corpus;
+use crate::data::shard;
+use crate::model::augment::Curve;
+use crate::model::config::ModelConfig;
+use crate::model::init;
+use crate::model::layout::{Layout, Part};
+use crate::model::objective::{self, Masks, Net};
+use crate::model::planes::PLANES;
+use crate::rng;
+use anyhow::{Context, Result, bail};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where the run's state lives between steps (parameters, Adam moments, gradients).
+pub struct State<B: Backend> {
+    pub params: B::Buf,
+    pub grads: B::Buf,
+    pub m: B::Buf,
+    pub v: B::Buf,
+    /// Global step number of the last completed step (0 before any).
+    pub step: u64,
+    pub best_val: Option<f64>,
+    /// Epochs since the validation loss last improved, in the current stage.
+    pub stale_epochs: u64,
+}
+
+/// One line of metrics.jsonl.
+#[derive(serde::Serialize)]
+struct Metrics<'a> {
+    step: u64,
+    stage: &'a str,
+    epoch: u64,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    subjects_per_s: f64,
+    data_s: f64,
+    compute_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_loss: Option<f64>,
+}
+
+/// A pretraining run on one process.
+pub struct Trainer<'a, B: Backend> {
+    pub be: &'a B,
+    pub cfg: RunConfig,
+    pub model: ModelConfig,
+    pub layout: Layout,
+    pub net: Net,
+    pub corpus: &'a Corpus,
+    pub corpus_checksum: String,
+    pub out: PathBuf,
+    pub train: Vec<usize>,
+    pub val: Vec<usize>,
+    /// Stop after this many steps of this process (tests of resume); None runs to the end.
+    pub stop_after: Option<u64>,
+    pub quiet: bool,
+}
+
+impl<'a, B: Backend> Trainer<'a, B> {
+    fn steps_per_epoch(&self) -> u64 {
+        (self.train.len() / self.cfg.batch) as u64
+    }
+
+    /// Total steps of one stage: `steps` when given, else epochs x steps per epoch.
+    pub fn stage_steps(&self) -> u64 {
+        self.cfg
+            .steps
+            .unwrap_or(self.cfg.epochs * self.steps_per_epoch())
+    }
+
+    /// The stages this run performs, with their first global step.
+    pub fn plan(&self) -> Vec<(Stage, u64)> {
+        let stages: &[Stage] = match self.cfg.stage {
+            Stages::All => &[Stage::Triplet, Stage::Mevp],
+            Stages::Triplet => &[Stage::Triplet],
+            Stages::Mevp => &[Stage::Mevp],
+        };
+        stages
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s, i as u64 * self.stage_steps()))
+            .collect()
+    }
+
+    /// Fresh state: parameters from the seed, zero moments.
+    pub fn fresh_state(&self) -> State<B> {
+        let params = init::init_params(&self.layout, self.cfg.seed);
+        let n = self.layout.total();
+        State {
+            params: self.be.upload(&params),
+            grads: self.be.zeros(n),
+            m: self.be.zeros(n),
+            v: self.be.zeros(n),
+            step: 0,
+            best_val: None,
+            stale_epochs: 0,
+        }
+    }
+
+    /// State from a checkpoint of this run (parameters, moments, step, best loss).
+    pub fn resume_state(&self, ckpt: &Checkpoint) -> Result<State<B>> {
+        ckpt.check_layout(&self.layout)?;
+        let params = ckpt.read_params(&self.layout)?;
+        let (m, v) = ckpt
+            .read_moments(&self.layout)?
+            .with_context(|| format!("{}: holds no optimizer moments", ckpt.path().display()))?;
+        Ok(State {
+            params: self.be.upload(&params),
+            grads: self.be.zeros(self.layout.total()),
+            m: self.be.upload(&m),
+            v: self.be.upload(&v),
+            step: ckpt.meta.step,
+            best_val: ckpt.meta.best_val_loss,
+            stale_epochs: ckpt.meta.stale_epochs,
+        })
+    }
+
+    fn lr(&self, stage: Stage, epoch: u64) -> f64 {
+        let base = match stage {
+            Stage::Triplet => self.cfg.lr_triplet,
+            Stage::Mevp => self.cfg.lr_mevp,
+        };
+        base * self.cfg.lr_decay.powi(epoch as i32)
+    }
+
+    fn part(stage: Stage) -> Part {
+        match stage {
+            Stage::Triplet => Part::Encoder,
+            Stage::Mevp => Part::Transformer,
+        }
+    }
+
+    /// Volumes of the given corpus subjects, concatenated `[b, X, Y, Z]`.
+    fn read_volumes(&self, subjects: &[usize]) -> Result<Vec<f32>> {
+        let per: usize = self.model.grid.iter().product();
+        let mut out = Vec::with_capacity(subjects.len() * per);
+        let (mut raw, mut vol) = (Vec::new(), Vec::new());
+        for &s in subjects {
+            self.corpus.read_volume(s, &mut raw, &mut vol)?;
+            out.extend_from_slice(&vol);
+        }
+        Ok(out)
+    }
+
+    /// Positives: each anchor after its own intensity curve, keyed by (seed, epoch, subject).
+    fn positives(&self, anchors: &[f32], subjects: &[usize], epoch: u64) -> Vec<f32> {
+        let per: usize = self.model.grid.iter().product();
+        let mut out = anchors.to_vec();
+        for (k, &s) in subjects.iter().enumerate() {
+            let mut r = rng::keyed(self.cfg.seed, &[epoch, s as u64], "bezier");
+            Curve::random(&mut r).apply(&mut out[k * per..(k + 1) * per]);
+        }
+        out
+    }
+
+    /// MEVP masks of each subject, keyed by (seed, key, subject).
+    fn masks(&self, subjects: &[usize], key: u64, purpose: &str) -> Vec<Masks> {
+        subjects
+            .iter()
+            .map(|&s| {
+                PLANES.map(|plane| {
+                    let (n, _, _) = plane.geometry(self.model.grid);
+                    let k = ((n as f64) * self.cfg.mask_fraction).floor() as usize;
+                    let mut r = rng::keyed(self.cfg.seed, &[key, s as u64], &format!("{purpose}-{}", plane.name()));
+                    rng::choose(&mut r, n, k)
+                })
+            })
+            .collect()
+    }
+
+    /// Position codes and [MASK] vectors per plane (fixed while the encoder is frozen).
+    fn mevp_constants(&self, params: &B::Buf) -> ([B::Buf; 3], [B::Buf; 3]) {
+        let pos = PLANES.map(|p| {
+            let (n, _, _) = p.geometry(self.model.grid);
+            self.be.upload(&init::positions(n, self.model.d, self.model.pos_base))
+        });
+        let tokens = PLANES.map(|p| objective::mask_token(self.be, &self.net, params, &self.layout, p));
+        (pos, tokens)
+    }
+
+    /// The loss of one batch; gradients accumulate into `grads` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_loss(
+        &self,
+        stage: Stage,
+        params: &B::Buf,
+        grads: Option<&mut B::Buf>,
+        subjects: &[usize],
+        volumes: &[f32],
+        epoch_key: u64,
+        purpose: &str,
+        consts: Option<&([B::Buf; 3], [B::Buf; 3])>,
+    ) -> f64 {
+        let b = subjects.len();
+        match stage {
+            Stage::Triplet => {
+                let positives = self.positives(volumes, subjects, epoch_key);
+                objective::triplet(
+                    self.be,
+                    &self.net,
+                    params,
+                    grads,
+                    &self.layout,
+                    volumes,
+                    &positives,
+                    b,
+                    self.cfg.margin as f32,
+                )
+            }
+            Stage::Mevp => {
+                let (pos, tokens) = consts.expect("MEVP needs its constants");
+                let targets = PLANES.map(|p| {
+                    objective::encode_plane(self.be, &self.net, params, &self.layout, p, volumes, b)
+                });
+                let masks = self.masks(subjects, epoch_key, purpose);
+                objective::mevp(
+                    self.be,
+                    &self.net,
+                    params,
+                    grads,
+                    &self.layout,
+                    &targets,
+                    tokens,
+                    pos,
+                    &masks,
+                )
+            }
+        }
+    }
+
+    /// Mean loss over the validation subjects (fixed masks and curves, so epochs compare).
+    fn validate(&self, stage: Stage, params: &B::Buf, consts: Option<&([B::Buf; 3], [B::Buf; 3])>) -> Result<Option<f64>> {
+        // Triplet batches pair subjects: use an even number of validation subjects.
+        let usable = match stage {
+            Stage::Triplet => self.val.len() / 2 * 2,
+            Stage::Mevp => self.val.len(),
+        };
+        if usable == 0 {
+            return Ok(None);
+        }
+        let (mut sum, mut batches) = (0.0, 0);
+        for chunk in self.val[..usable].chunks(self.cfg.batch) {
+            let volumes = self.read_volumes(chunk)?;
+            sum += self.batch_loss(stage, params, None, chunk, &volumes, u64::MAX, "val-mask", consts);
+            batches += 1;
+        }
+        Ok(Some(sum / batches as f64))
+    }
+
+    fn meta(&self, stage: Stage, state: &State<B>) -> CheckpointMeta {
+        let spe = self.steps_per_epoch().max(1);
+        let stage_start = self.plan().iter().find(|(s, _)| *s == stage).map_or(0, |p| p.1);
+        CheckpointMeta {
+            stage,
+            step: state.step,
+            epoch: (state.step - stage_start) / spe,
+            best_val_loss: state.best_val,
+            stale_epochs: state.stale_epochs,
+            model: self.model.clone(),
+            run: self.cfg.clone(),
+            corpus_checksum: self.corpus_checksum.clone(),
+        }
+    }
+
+    fn save(&self, path: &Path, stage: Stage, state: &State<B>) -> Result<()> {
+        let n = self.layout.total();
+        let (mut p, mut m, mut v) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        self.be.download(self.be.view(&state.params, 0..n), &mut p);
+        self.be.download(self.be.view(&state.m, 0..n), &mut m);
+        self.be.download(self.be.view(&state.v, 0..n), &mut v);
+        Checkpoint::write(path, &self.layout, &p, Some(&m), Some(&v), &self.meta(stage, state))
+    }
+
+    /// Runs every remaining step of the plan from `state`.
+    pub fn run(&self, state: &mut State<B>) -> Result<()> {
+        let spe = self.steps_per_epoch();
+        if spe == 0 {
+            bail!(
+                "the batch ({}) is larger than the training set ({} subjects)",
+                self.cfg.batch,
+                self.train.len()
+            );
+        }
+        let total = self.stage_steps();
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.out.join("metrics.jsonl"))
+            .with_context(|| format!("{}: cannot open metrics.jsonl", self.out.display()))?;
+        let mut done_here = 0u64;
+        for (stage, start) in self.plan() {
+            let end = start + total;
+            if state.step >= end {
+                continue;
+            }
+            if state.step <= start {
+                state.stale_epochs = 0;
+                state.best_val = None;
+            }
+            let part = self.layout.part_range(Self::part(stage));
+            let consts = (stage == Stage::Mevp).then(|| self.mevp_constants(&state.params));
+            while state.step < end {
+                if self.stop_after.is_some_and(|k| done_here >= k) {
+                    return Ok(());
+                }
+                let local = state.step - start;
+                let (epoch, k) = (local / spe, (local % spe) as usize);
+                let t0 = Instant::now();
+                let batches = shard::rank_batches(self.train.len(), self.cfg.seed, epoch, 0, 1, self.cfg.batch)?;
+                let subjects: Vec<usize> = batches[k].iter().map(|&i| self.train[i]).collect();
+                let volumes = self.read_volumes(&subjects)?;
+                let data_s = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                self.be.fill(self.be.view_mut(&mut state.grads, part.clone()), 0.0);
+                let loss = self.batch_loss(stage, &state.params, Some(&mut state.grads), &subjects, &volumes, epoch, "mask", consts.as_ref());
+                let g = self.be.view(&state.grads, part.clone());
+                let norm = self.be.sum_squares(g).sqrt();
+                if !loss.is_finite() || !norm.is_finite() {
+                    let last = checkpoint::latest_complete(&self.out)?;
+                    bail!(
+                        "step {}: non-finite {} (loss {loss}, gradient norm {norm}); the last good checkpoint is {}",
+                        state.step + 1,
+                        if loss.is_finite() { "gradient" } else { "loss" },
+                        last.map_or("none".to_string(), |p| p.display().to_string())
+                    );
+                }
+                if norm > self.cfg.clip {
+                    self.be.scale((self.cfg.clip / norm) as f32, self.be.view_mut(&mut state.grads, part.clone()));
+                }
+                let lr = self.lr(stage, epoch);
+                let h = Adam {
+                    lr: lr as f32,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: self.cfg.weight_decay as f32,
+                    step: local + 1,
+                };
+                let grads = self.be.view(&state.grads, part.clone());
+                let (mut pm, mut mm, mut vm) = (
+                    self.be.view_mut(&mut state.params, part.clone()),
+                    self.be.view_mut(&mut state.m, part.clone()),
+                    self.be.view_mut(&mut state.v, part.clone()),
+                );
+                self.be.adam(&h, self.be.reborrow_mut(&mut pm), grads, self.be.reborrow_mut(&mut mm), self.be.reborrow_mut(&mut vm));
+                let compute_s = t1.elapsed().as_secs_f64();
+                state.step += 1;
+                done_here += 1;
+
+                let epoch_done = (local + 1) % spe == 0;
+                let mut val_loss = None;
+                if epoch_done && self.cfg.val_every_epoch {
+                    val_loss = self.validate(stage, &state.params, consts.as_ref())?;
+                }
+                let line = Metrics {
+                    step: state.step,
+                    stage: stage.name(),
+                    epoch,
+                    loss,
+                    lr,
+                    grad_norm: norm,
+                    subjects_per_s: subjects.len() as f64 / (data_s + compute_s).max(1e-9),
+                    data_s,
+                    compute_s,
+                    val_loss,
+                };
+                writeln!(metrics, "{}", serde_json::to_string(&line)?)
+                    .with_context(|| format!("{}: cannot write metrics.jsonl", self.out.display()))?;
+                if !self.quiet && (state.step % self.cfg.log_every == 0 || val_loss.is_some()) {
+                    println!(
+                        "step {:>6} {:<7} epoch {:>3} loss {:.5} lr {:.2e} |g| {:.3} {:.2} subj/s data {:.2}s compute {:.2}s{}",
+                        state.step,
+                        stage.name(),
+                        epoch,
+                        loss,
+                        lr,
+                        norm,
+                        line.subjects_per_s,
+                        data_s,
+                        compute_s,
+                        val_loss.map_or(String::new(), |v| format!(" val {v:.5}"))
+                    );
+                }
+                let mut stop = false;
+                if let Some(v) = val_loss {
+                    if state.best_val.is_none_or(|b| v < b) {
+                        state.best_val = Some(v);
+                        state.stale_epochs = 0;
+                        self.save(&self.out.join("best.h5"), stage, state)?;
+                    } else {
+                        state.stale_epochs += 1;
+                        stop = state.stale_epochs >= self.cfg.patience;
+                    }
+                }
+                if state.step % self.cfg.checkpoint_every == 0 || state.step == end || stop {
+                    self.save(&self.out.join(checkpoint::step_file_name(state.step)), stage, state)?;
+                    checkpoint::prune(&self.out, self.cfg.keep_last)?;
+                }
+                if stop {
+                    if !self.quiet {
+                        println!("{}: early stop after {} epochs without improvement", stage.name(), state.stale_epochs);
+                    }
+                    state.step = end;
+                    self.save(&self.out.join(checkpoint::step_file_name(state.step)), stage, state)?;
+                }
+            }
+            if stage == *self.plan().last().map(|(s, _)| s).unwrap_or(&stage) {
+                self.save(&self.out.join("final.h5"), stage, state)?;
+            }
+        }
+        Ok(())
+    }
+}
