@@ -340,3 +340,36 @@ fn inspect_shows_a_checkpoint() {
     let out = common::mtx(&["inspect", path.to_str().unwrap(), "--subject", "x"]);
     assert!(!out.status.success());
 }
+
+/// The Python snippet of docs/CHECKPOINT.md (up to its example call) rebuilds the flat buffer
+/// bit for bit, padding included.
+#[test]
+fn docs_snippet_rebuilds_the_flat_buffer() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CHECKPOINT.md"))
+        .expect("docs/CHECKPOINT.md");
+    let block = doc
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a python block in docs/CHECKPOINT.md");
+    let definitions = block
+        .split("\nparams, flat = load_weights(")
+        .next()
+        .expect("the example call");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.h5");
+    let raw = dir.path().join("flat.f32");
+    let model = tiny();
+    let layout = Layout::new(&model);
+    let (p, _, _) = write_tiny(&path, &model, 7);
+    let script = format!(
+        "{definitions}\nimport sys\nparams, flat = load_weights(sys.argv[1])\n\
+flat.astype('<f4').tofile(sys.argv[2])\nprint(len(params))\n"
+    );
+    let out = common::run_python(&["-c", &script, path.to_str().unwrap(), raw.to_str().unwrap()]);
+    assert_eq!(out.trim(), layout.entries().len().to_string());
+    let bytes = std::fs::read(&raw).unwrap();
+    let want: Vec<u8> = p.iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(bytes.len(), want.len());
+    assert!(bytes == want, "the rebuilt buffer differs");
+}
