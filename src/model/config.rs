@@ -211,17 +211,17 @@ impl ModelConfig {
     }
 
     /// The smallest feature map an instance norm sees for this grid: `(plane, h, w)` of the
-    /// deepest stage, for the plane where it is smallest.
+    /// deepest stage, for the plane whose shorter side is shortest there (then the fewest
+    /// values), so a 1x8 map counts as smaller than a 2x2 one.
     pub fn smallest_norm_map(&self, grid: [usize; 3]) -> (Plane, usize, usize) {
-        let mut best = (Plane::Axial, usize::MAX, usize::MAX);
-        for p in Self::planes_of(grid) {
-            if let Some(&(_, h, w)) = self.encoder_sizes(p.h, p.w).last()
-                && h * w < best.1.saturating_mul(best.2)
-            {
-                best = (p.plane, h, w);
-            }
-        }
-        best
+        Self::planes_of(grid)
+            .into_iter()
+            .filter_map(|p| {
+                let &(_, h, w) = self.encoder_sizes(p.h, p.w).last()?;
+                Some((p.plane, h, w))
+            })
+            .min_by_key(|&(_, h, w)| (h.min(w), h * w))
+            .unwrap_or((Plane::Axial, 0, 0))
     }
 
     /// Whether a corpus on `grid` with voxel size `spacing` mm can be read by this model:
@@ -381,6 +381,9 @@ mod tests {
         let e = tiny.check_grid([16, 19, 16], 12.0).unwrap_err().to_string();
         assert!(e.contains("at least 2x2") && e.contains("1x1"), "{e}");
         assert!(e.contains("32x38x32 (6 mm)"), "{e}");
+        // A long thin grid: the sagittal and coronal maps are 1 voxel high.
+        let e = tiny.check_grid([32, 38, 12], 6.0).unwrap_err().to_string();
+        assert!(e.contains("at least 2x2"), "{e}");
     }
 
     #[test]

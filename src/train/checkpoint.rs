@@ -95,6 +95,13 @@ impl Checkpoint {
                 layout.preset()
             );
         }
+        if meta.run.preset != meta.model.preset {
+            bail!(
+                "{p}: run configuration is preset {}, the model configuration {}",
+                meta.run.preset,
+                meta.model.preset
+            );
+        }
         let moments = match (m, v) {
             (Some(m), Some(v)) => Some((m, v)),
             (None, None) => None,
@@ -435,6 +442,13 @@ fn read_meta(file: &File) -> Result<CheckpointMeta> {
     if preset != model.preset.name() {
         bail!(
             "attribute 'preset' is '{preset}' but the model configuration says '{}'",
+            model.preset
+        );
+    }
+    if run.preset != model.preset {
+        bail!(
+            "the run configuration says preset '{}' but the model configuration '{}'",
+            run.preset,
             model.preset
         );
     }
