@@ -222,6 +222,7 @@ fn latest_complete_and_prune_follow_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert_eq!(latest_complete(d).unwrap(), None);
+    assert_eq!(latest_complete(&d.join("not-yet")).unwrap(), None);
     for s in [100, 300, 200, 1000] {
         touch_step(d, s);
     }

@@ -479,9 +479,12 @@ pub fn parse_step_file_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// The step checkpoints in `run_dir`, oldest first. Only renamed-into-place files carry these
-/// names, so every one is complete.
+/// The step checkpoints in `run_dir`, oldest first (none when the folder does not exist yet).
+/// Only renamed-into-place files carry these names, so every one is complete.
 pub fn step_files(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    if !run_dir.exists() {
+        return Ok(Vec::new());
+    }
     let entries = std::fs::read_dir(run_dir)
         .with_context(|| format!("{}: cannot list the run folder", run_dir.display()))?;
     let mut out = Vec::new();
