@@ -292,16 +292,28 @@ would be {h}x{w}, and every instance norm needs at least 2x2 values (preset grid
                 self.widths[0]
             );
         }
+        // The bound keeps a damaged or hand-edited configuration (read from a checkpoint)
+        // from asking for an absurd buffer before any tensor is compared.
+        const LIMIT: usize = 1 << 16;
         for (name, v) in [
             ("d", self.d),
             ("layers", self.layers),
             ("heads", self.heads),
             ("head_width", self.head_width),
             ("ffn", self.ffn),
+            (
+                "widest stage",
+                self.widths.iter().copied().max().unwrap_or(0),
+            ),
+            ("stage count", self.widths.len()),
         ] {
-            if v == 0 {
-                bail!("model {name} must be positive");
+            if v == 0 || v > LIMIT {
+                bail!("model {name} = {v} must be between 1 and {LIMIT}");
             }
+        }
+        let total = crate::model::Layout::new(self).param_total();
+        if total > 1 << 31 {
+            bail!("model has {total} parameters, more than this tool handles (2^31)");
         }
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("dropout {} must be in [0, 1)", self.dropout);
@@ -384,6 +396,17 @@ mod tests {
         // A long thin grid: the sagittal and coronal maps are 1 voxel high.
         let e = tiny.check_grid([32, 38, 12], 6.0).unwrap_err().to_string();
         assert!(e.contains("at least 2x2"), "{e}");
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_any_allocation() {
+        let mut c = ModelConfig::preset(Preset::Paper);
+        c.heads = 60_000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("parameters"), "{e}");
+        c.heads = 1 << 20;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("heads"), "{e}");
     }
 
     #[test]
