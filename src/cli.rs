@@ -133,19 +133,22 @@ pub struct PackArgs {
     pub threads: Option<usize>,
 }
 
-/// Show what a corpus, a NIfTI file (or, later, a checkpoint) holds.
+/// Show what a corpus, a checkpoint or a NIfTI file holds.
 #[derive(Args, Debug, Clone)]
 #[command(
     long_about = "Show what a file holds: for a corpus its format, grid, spacing, subjects, \
-label statistics and split sizes; for a NIfTI file its header, orientation codes, shape, voxel \
-size and intensity range. With --subject and --png, render the subject's three mid-planes side \
+label statistics and split sizes; for a checkpoint its stage, step, epoch, best validation \
+loss, preset, parameter counts, every tensor (name, shape, L2 norm) and the model and run \
+configurations; for a NIfTI file its header, orientation codes, shape, voxel size and intensity \
+range. With --subject and --png, render the subject's three mid-planes side \
 by side (segmentation as a coloured overlay): look at your preprocessing.",
     after_help = "Examples:\n  mtx-hpc inspect data/healthy.h5\n  \
 mtx-hpc inspect data/healthy/HC0000.nii.gz\n  \
+mtx-hpc inspect run/best.h5\n  \
 mtx-hpc inspect data/clinical.h5 --subject CL0003 --png cl0003.png"
 )]
 pub struct InspectArgs {
-    /// A corpus (.h5) or a NIfTI file (.nii, .nii.gz).
+    /// A corpus or checkpoint (.h5), or a NIfTI file (.nii, .nii.gz).
     pub path: PathBuf,
     /// Subject id (corpus only).
     #[arg(long)]

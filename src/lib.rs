@@ -2,7 +2,8 @@
 //!
 //! The library does all the work; `main.rs` only calls [`cli::main`]. Rooms, one per concern:
 //! `data` (NIfTI, preprocessing, the cohort generator, the HDF5 corpus, sharding), `io`
-//! (atomic files, checksums), `progress` (what rank 0 shows on a terminal).
+//! (atomic files, checksums), `progress` (what rank 0 shows on a terminal), `model` (presets,
+//! the parameter layout, initialisation), `train` (run configuration, checkpoints).
 pub mod backend;
 pub mod cli;
 pub mod data;
@@ -10,6 +11,7 @@ pub mod io;
 pub mod model;
 pub mod progress;
 pub mod rng;
+pub mod train;
 
 /// The tool's version, written into every file we produce.
 pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");

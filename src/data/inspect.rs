@@ -1,9 +1,13 @@
 //! `inspect`: what a file holds. A corpus gets a summary (format, grid, subjects, split sizes,
 //! label statistics, provenance), one subject's metadata with `--subject`, and a mid-plane
-//! montage with `--png`; a NIfTI file is described by the NIfTI reader.
+//! montage with `--png`; a NIfTI file is described by the NIfTI reader; a checkpoint (told
+//! from a corpus by its root `format` attribute) by its state, tensors and configurations.
 use crate::cli::InspectArgs;
 use crate::data::corpus::{Corpus, SubjectInfo, affine_source_name, is_hdf5};
 use crate::data::montage;
+use crate::model::{Layout, Part};
+use crate::train::Checkpoint;
+use crate::train::checkpoint::is_checkpoint;
 use anyhow::{Result, bail};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,6 +17,7 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
     Corpus,
+    Checkpoint,
     Nifti,
 }
 
@@ -28,6 +33,9 @@ pub fn detect(path: &Path) -> Result<FileKind> {
         .file_name()
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
+    if is_hdf5(path)? && is_checkpoint(path) {
+        return Ok(FileKind::Checkpoint);
+    }
     if is_hdf5(path)? || name.ends_with(".h5") || name.ends_with(".hdf5") {
         return Ok(FileKind::Corpus);
     }
@@ -35,7 +43,7 @@ pub fn detect(path: &Path) -> Result<FileKind> {
         return Ok(FileKind::Nifti);
     }
     bail!(
-        "{}: neither a corpus (HDF5) nor a NIfTI file (.nii, .nii.gz): nothing to inspect",
+        "{}: neither a corpus or checkpoint (HDF5) nor a NIfTI file (.nii, .nii.gz): nothing to inspect",
         path.display()
     )
 }
@@ -51,6 +59,15 @@ pub fn run(args: &InspectArgs) -> Result<()> {
                 );
             }
             print!("{}", describe_nifti(&args.path)?);
+        }
+        FileKind::Checkpoint => {
+            if args.subject.is_some() || args.png.is_some() {
+                bail!(
+                    "{}: --subject and --png apply to corpora, not checkpoints",
+                    args.path.display()
+                );
+            }
+            print!("{}", describe_checkpoint(&Checkpoint::read(&args.path)?)?);
         }
         FileKind::Corpus => {
             let corpus = Corpus::open(&args.path)?;
@@ -297,4 +314,77 @@ pub fn write_png(c: &Corpus, i: usize, out: &Path) -> Result<(usize, usize)> {
     let bytes = montage::encode_png(&img)?;
     crate::io::write_atomic(out, &bytes, true)?;
     Ok((img.width, img.height))
+}
+
+/// The checkpoint summary `inspect CKPT` prints: state, parameter counts, every tensor with its
+/// L2 norm (in layout order, read through the stored model's layout, checksum verified), and
+/// the two configurations.
+pub fn describe_checkpoint(c: &Checkpoint) -> Result<String> {
+    let m = &c.meta;
+    let layout = Layout::new(&m.model);
+    let params = c.read_params(&layout)?;
+    let mut t = String::new();
+    writeln!(t, "file:            {}", c.path().display())?;
+    writeln!(
+        t,
+        "format:          {} version {}",
+        crate::train::checkpoint::FORMAT_NAME,
+        c.format_version
+    )?;
+    writeln!(t, "tool version:    {}", c.tool_version)?;
+    writeln!(
+        t,
+        "state:           stage {}, step {}, epoch {}",
+        m.stage, m.step, m.epoch
+    )?;
+    writeln!(
+        t,
+        "best val loss:   {}",
+        m.best_val_loss
+            .map_or("none yet".to_string(), |v| v.to_string())
+    )?;
+    writeln!(t, "preset:          {}", m.model.preset)?;
+    writeln!(
+        t,
+        "parameters:      encoder {}, transformer {}, total {} ({} tensors)",
+        layout.param_count(Part::Encoder),
+        layout.param_count(Part::Transformer),
+        layout.param_total(),
+        layout.entries().len()
+    )?;
+    writeln!(
+        t,
+        "adam moments:    {}",
+        if c.has_moments { "yes" } else { "no" }
+    )?;
+    writeln!(t, "corpus blake3:   {}", m.corpus_checksum)?;
+    writeln!(t, "params blake3:   {} (verified)", c.param_checksum)?;
+    writeln!(t, "tensors (layout order: name, shape, L2 norm):")?;
+    let width = layout.iter().map(|e| e.name.len()).max().unwrap_or(0);
+    for e in &layout {
+        let norm = params[e.range()]
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt();
+        let shape = format!("{:?}", e.shape);
+        // Fixed notation for ordinary magnitudes, exponents for the extremes a diverged run
+        // produces.
+        let norm = if norm == 0.0 || (1e-3..1e6).contains(&norm) {
+            format!("{norm:.6}")
+        } else {
+            format!("{norm:.6e}")
+        };
+        writeln!(t, "  {:width$}  {shape:16}  {norm}", e.name)?;
+    }
+    let model = toml::to_string(&m.model)?;
+    writeln!(t, "model configuration:")?;
+    for line in model.lines() {
+        writeln!(t, "  {line}")?;
+    }
+    writeln!(t, "run configuration:")?;
+    for line in m.run.to_toml()?.lines() {
+        writeln!(t, "  {line}")?;
+    }
+    Ok(t)
 }

@@ -4,7 +4,7 @@
 //! buffer, accumulate into it.
 use super::encoder::{self, EncoderSpec};
 use super::params::ParamIndex;
-use super::planes::{PLANES, Plane};
+use super::planes::Plane;
 use super::transformer::{self, TransformerSpec};
 use crate::backend::Backend;
 
@@ -98,7 +98,7 @@ pub fn mevp<B: Backend>(
     let d = net.transformer.d;
     let b = masks.len();
     let mut total = 0.0;
-    for plane in PLANES {
+    for plane in Plane::ALL {
         let p = plane.index();
         let (n, _, _) = plane.geometry(net.grid);
         let rows: Vec<u32> = masks
@@ -173,7 +173,7 @@ pub fn triplet<B: Backend>(
     );
     let d = net.encoder.d;
     let mut total = 0.0;
-    for plane in PLANES {
+    for plane in Plane::ALL {
         let (n, h, w) = plane.geometry(net.grid);
         let rows = b * n;
         let a_in = plane_slices(be, net.grid, plane, anchors, b);

@@ -2,10 +2,7 @@
 //! (PAPER.md): axial `vol[:, :, k]` (Z slices of X x Y), sagittal `vol[k, :, :]` (X slices of
 //! Y x Z), coronal `vol[:, k, :]` (Y slices of X x Z).
 
-/// The planes, in the order of the plane embedding's rows.
-pub const PLANES: [Plane; 3] = [Plane::Axial, Plane::Sagittal, Plane::Coronal];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Plane {
     Axial,
     Sagittal,
@@ -13,6 +10,9 @@ pub enum Plane {
 }
 
 impl Plane {
+    /// The planes, in the order of the plane embedding's rows.
+    pub const ALL: [Plane; 3] = [Plane::Axial, Plane::Sagittal, Plane::Coronal];
+
     /// Row of the plane embedding.
     pub fn index(self) -> usize {
         self as usize
@@ -69,7 +69,7 @@ mod tests {
         let grid = [3, 4, 5];
         let vol: Vec<f32> = (0..60).map(|i| i as f32).collect();
         let at = |x: usize, y: usize, z: usize| vol[(x * 4 + y) * 5 + z];
-        for plane in PLANES {
+        for plane in Plane::ALL {
             let (n, h, w) = plane.geometry(grid);
             let mut out = Vec::new();
             plane.extract(&vol, grid, &mut out);

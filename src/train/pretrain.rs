@@ -12,7 +12,7 @@ use crate::model::config::ModelConfig;
 use crate::model::init;
 use crate::model::layout::{Layout, Part};
 use crate::model::objective::{self, Masks, Net};
-use crate::model::planes::PLANES;
+use crate::model::planes::Plane;
 use crate::rng;
 use anyhow::{Context, Result, bail};
 use std::io::Write;
@@ -167,10 +167,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         subjects
             .iter()
             .map(|&s| {
-                PLANES.map(|plane| {
+                Plane::ALL.map(|plane| {
                     let (n, _, _) = plane.geometry(self.model.grid);
                     let k = ((n as f64) * self.cfg.mask_fraction).floor() as usize;
-                    let mut r = rng::keyed(self.cfg.seed, &[key, s as u64], &format!("{purpose}-{}", plane.name()));
+                    let mut r = rng::keyed(
+                        self.cfg.seed,
+                        &[key, s as u64],
+                        &format!("{purpose}-{}", plane.name()),
+                    );
                     rng::choose(&mut r, n, k)
                 })
             })
@@ -179,11 +183,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// Position codes and [MASK] vectors per plane (fixed while the encoder is frozen).
     fn mevp_constants(&self, params: &B::Buf) -> ([B::Buf; 3], [B::Buf; 3]) {
-        let pos = PLANES.map(|p| {
+        let pos = Plane::ALL.map(|p| {
             let (n, _, _) = p.geometry(self.model.grid);
-            self.be.upload(&init::positions(n, self.model.d, self.model.pos_base))
+            self.be
+                .upload(&init::positions(n, self.model.d, self.model.pos_base))
         });
-        let tokens = PLANES.map(|p| objective::mask_token(self.be, &self.net, params, &self.layout, p));
+        let tokens =
+            Plane::ALL.map(|p| objective::mask_token(self.be, &self.net, params, &self.layout, p));
         (pos, tokens)
     }
 
@@ -218,7 +224,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             Stage::Mevp => {
                 let (pos, tokens) = consts.expect("MEVP needs its constants");
-                let targets = PLANES.map(|p| {
+                let targets = Plane::ALL.map(|p| {
                     objective::encode_plane(self.be, &self.net, params, &self.layout, p, volumes, b)
                 });
                 let masks = self.masks(subjects, epoch_key, purpose);
@@ -238,7 +244,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// Mean loss over the validation subjects (fixed masks and curves, so epochs compare).
-    fn validate(&self, stage: Stage, params: &B::Buf, consts: Option<&([B::Buf; 3], [B::Buf; 3])>) -> Result<Option<f64>> {
+    fn validate(
+        &self,
+        stage: Stage,
+        params: &B::Buf,
+        consts: Option<&([B::Buf; 3], [B::Buf; 3])>,
+    ) -> Result<Option<f64>> {
         // Triplet batches pair subjects: use an even number of validation subjects.
         let usable = match stage {
             Stage::Triplet => self.val.len() / 2 * 2,
@@ -250,7 +261,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let (mut sum, mut batches) = (0.0, 0);
         for chunk in self.val[..usable].chunks(self.cfg.batch) {
             let volumes = self.read_volumes(chunk)?;
-            sum += self.batch_loss(stage, params, None, chunk, &volumes, u64::MAX, "val-mask", consts);
+            sum += self.batch_loss(
+                stage,
+                params,
+                None,
+                chunk,
+                &volumes,
+                u64::MAX,
+                "val-mask",
+                consts,
+            );
             batches += 1;
         }
         Ok(Some(sum / batches as f64))
@@ -258,7 +278,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     fn meta(&self, stage: Stage, state: &State<B>) -> CheckpointMeta {
         let spe = self.steps_per_epoch().max(1);
-        let stage_start = self.plan().iter().find(|(s, _)| *s == stage).map_or(0, |p| p.1);
+        let stage_start = self
+            .plan()
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map_or(0, |p| p.1);
         CheckpointMeta {
             stage,
             step: state.step,
@@ -277,7 +301,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.be.download(self.be.view(&state.params, 0..n), &mut p);
         self.be.download(self.be.view(&state.m, 0..n), &mut m);
         self.be.download(self.be.view(&state.v, 0..n), &mut v);
-        Checkpoint::write(path, &self.layout, &p, Some(&m), Some(&v), &self.meta(stage, state))
+        Checkpoint::write(
+            path,
+            &self.layout,
+            &p,
+            Some(&m),
+            Some(&v),
+            &self.meta(stage, state),
+        )
     }
 
     /// Runs every remaining step of the plan from `state`.
@@ -315,13 +346,30 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 let local = state.step - start;
                 let (epoch, k) = (local / spe, (local % spe) as usize);
                 let t0 = Instant::now();
-                let batches = shard::rank_batches(self.train.len(), self.cfg.seed, epoch, 0, 1, self.cfg.batch)?;
+                let batches = shard::rank_batches(
+                    self.train.len(),
+                    self.cfg.seed,
+                    epoch,
+                    0,
+                    1,
+                    self.cfg.batch,
+                )?;
                 let subjects: Vec<usize> = batches[k].iter().map(|&i| self.train[i]).collect();
                 let volumes = self.read_volumes(&subjects)?;
                 let data_s = t0.elapsed().as_secs_f64();
                 let t1 = Instant::now();
-                self.be.fill(self.be.view_mut(&mut state.grads, part.clone()), 0.0);
-                let loss = self.batch_loss(stage, &state.params, Some(&mut state.grads), &subjects, &volumes, epoch, "mask", consts.as_ref());
+                self.be
+                    .fill(self.be.view_mut(&mut state.grads, part.clone()), 0.0);
+                let loss = self.batch_loss(
+                    stage,
+                    &state.params,
+                    Some(&mut state.grads),
+                    &subjects,
+                    &volumes,
+                    epoch,
+                    "mask",
+                    consts.as_ref(),
+                );
                 let g = self.be.view(&state.grads, part.clone());
                 let norm = self.be.sum_squares(g).sqrt();
                 if !loss.is_finite() || !norm.is_finite() {
@@ -334,7 +382,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     );
                 }
                 if norm > self.cfg.clip {
-                    self.be.scale((self.cfg.clip / norm) as f32, self.be.view_mut(&mut state.grads, part.clone()));
+                    self.be.scale(
+                        (self.cfg.clip / norm) as f32,
+                        self.be.view_mut(&mut state.grads, part.clone()),
+                    );
                 }
                 let lr = self.lr(stage, epoch);
                 let h = Adam {
@@ -345,13 +396,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     weight_decay: self.cfg.weight_decay as f32,
                     step: local + 1,
                 };
-                let grads = self.be.view(&state.grads, part.clone());
-                let (mut pm, mut mm, mut vm) = (
-                    self.be.view_mut(&mut state.params, part.clone()),
-                    self.be.view_mut(&mut state.m, part.clone()),
-                    self.be.view_mut(&mut state.v, part.clone()),
-                );
-                self.be.adam(&h, self.be.reborrow_mut(&mut pm), grads, self.be.reborrow_mut(&mut mm), self.be.reborrow_mut(&mut vm));
+                {
+                    let grads = self.be.view(&state.grads, part.clone());
+                    let (mut pm, mut mm, mut vm) = (
+                        self.be.view_mut(&mut state.params, part.clone()),
+                        self.be.view_mut(&mut state.m, part.clone()),
+                        self.be.view_mut(&mut state.v, part.clone()),
+                    );
+                    self.be.adam(
+                        &h,
+                        self.be.reborrow_mut(&mut pm),
+                        grads,
+                        self.be.reborrow_mut(&mut mm),
+                        self.be.reborrow_mut(&mut vm),
+                    );
+                }
                 let compute_s = t1.elapsed().as_secs_f64();
                 state.step += 1;
                 done_here += 1;
@@ -373,8 +432,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     compute_s,
                     val_loss,
                 };
-                writeln!(metrics, "{}", serde_json::to_string(&line)?)
-                    .with_context(|| format!("{}: cannot write metrics.jsonl", self.out.display()))?;
+                writeln!(metrics, "{}", serde_json::to_string(&line)?).with_context(|| {
+                    format!("{}: cannot write metrics.jsonl", self.out.display())
+                })?;
                 if !self.quiet && (state.step % self.cfg.log_every == 0 || val_loss.is_some()) {
                     println!(
                         "step {:>6} {:<7} epoch {:>3} loss {:.5} lr {:.2e} |g| {:.3} {:.2} subj/s data {:.2}s compute {:.2}s{}",
@@ -402,15 +462,27 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     }
                 }
                 if state.step % self.cfg.checkpoint_every == 0 || state.step == end || stop {
-                    self.save(&self.out.join(checkpoint::step_file_name(state.step)), stage, state)?;
+                    self.save(
+                        &self.out.join(checkpoint::step_file_name(state.step)),
+                        stage,
+                        state,
+                    )?;
                     checkpoint::prune(&self.out, self.cfg.keep_last)?;
                 }
                 if stop {
                     if !self.quiet {
-                        println!("{}: early stop after {} epochs without improvement", stage.name(), state.stale_epochs);
+                        println!(
+                            "{}: early stop after {} epochs without improvement",
+                            stage.name(),
+                            state.stale_epochs
+                        );
                     }
                     state.step = end;
-                    self.save(&self.out.join(checkpoint::step_file_name(state.step)), stage, state)?;
+                    self.save(
+                        &self.out.join(checkpoint::step_file_name(state.step)),
+                        stage,
+                        state,
+                    )?;
                 }
             }
             if stage == *self.plan().last().map(|(s, _)| s).unwrap_or(&stage) {

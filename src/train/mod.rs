@@ -1,0 +1,8 @@
+//! Pretraining: the run configuration (TOML with defaults from PAPER.md), the HDF5
+//! checkpoint format with its run-folder policy (last K, best, final), and the loop.
+pub mod checkpoint;
+pub mod config;
+pub mod pretrain;
+
+pub use checkpoint::{Checkpoint, CheckpointMeta};
+pub use config::{RunConfig, Stage, Stages};
