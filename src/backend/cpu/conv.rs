@@ -1,13 +1,677 @@
-//! (stub: being written; signatures fixed by ../mod.rs)
-#![allow(unused_variables, clippy::too_many_arguments)]
+//! 2-D convolution (no bias) on the CPU backend: forward, backward to the input and backward
+//! to the weight, each as im2col + a cache-blocked GEMM of our own, one image per rayon task.
+//! Every output value is summed by one thread in a fixed order; the weight gradient sums
+//! fixed chunks of the batch and then adds the chunks in order, so threads never change bits.
 use super::Real;
 use crate::backend::Conv2d;
+use rayon::prelude::*;
+
+/// The weight gradient is summed over at most this many fixed chunks of the batch (enough to
+/// keep a few dozen cores busy; each chunk holds one weight-sized partial sum).
+const MAX_WEIGHT_PARTIALS: usize = 32;
+
+/// A read-only matrix over a slice: element `(i, j)` is `data[i * rs + j * cs]`, which lets
+/// the GEMM read transposed operands (the weight in backward-data, the columns in
+/// backward-weight) without copying them first.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+/// Per-task buffers, reused across the images one task handles.
+struct Scratch<T> {
+    col: Vec<T>,
+    gemm: gemm::Packs<T>,
+}
+
+impl<T: Real> Scratch<T> {
+    fn new(col_len: usize) -> Self {
+        Scratch {
+            col: vec![T::zero(); col_len],
+            gemm: gemm::Packs::new(),
+        }
+    }
+}
+
+fn check_shapes(s: &Conv2d, x: usize, w: usize, y: usize, what: &str) {
+    let (ho, wo) = s.out_hw();
+    assert!(
+        s.k > 0 && s.stride > 0,
+        "{what}: kernel and stride must be positive"
+    );
+    assert!(
+        s.h + 2 * s.pad >= s.k && s.w + 2 * s.pad >= s.k,
+        "{what}: kernel exceeds input"
+    );
+    assert_eq!(x, s.n * s.cin * s.h * s.w, "{what}: input length");
+    assert_eq!(w, s.cout * s.cin * s.k * s.k, "{what}: weight length");
+    assert_eq!(y, s.n * s.cout * ho * wo, "{what}: output length");
+}
+
+/// A 1x1 convolution with stride 1 and no padding reads the image itself as its columns.
+fn is_pointwise(s: &Conv2d) -> bool {
+    s.k == 1 && s.stride == 1 && s.pad == 0
+}
+
+/// The output positions `[lo, hi)` along one axis whose input `o * stride + tap - pad` lies
+/// inside `[0, len)`.
+fn valid_outputs(tap: usize, s: &Conv2d, len: usize, outs: usize) -> (usize, usize) {
+    let lo = s.pad.saturating_sub(tap).div_ceil(s.stride);
+    let hi = if len + s.pad > tap {
+        (len + s.pad - tap - 1) / s.stride + 1
+    } else {
+        0
+    };
+    let hi = hi.min(outs);
+    (lo.min(hi), hi)
+}
+
+/// `col[(ci k + ky) k + kx][oy wo + ox] = x[ci][oy s - p + ky][ox s - p + kx]` (0 outside).
+fn im2col<T: Real>(s: &Conv2d, x: &[T], col: &mut [T]) {
+    let (ho, wo) = s.out_hw();
+    let (h, w, k) = (s.h, s.w, s.k);
+    let mut rows = col.chunks_exact_mut(ho * wo);
+    for ci in 0..s.cin {
+        let plane = &x[ci * h * w..(ci + 1) * h * w];
+        for ky in 0..k {
+            let (oy0, oy1) = valid_outputs(ky, s, h, ho);
+            for kx in 0..k {
+                let (ox0, ox1) = valid_outputs(kx, s, w, wo);
+                let Some(row) = rows.next() else { return };
+                row[..oy0 * wo].fill(T::zero());
+                row[oy1 * wo..].fill(T::zero());
+                for oy in oy0..oy1 {
+                    let out = &mut row[oy * wo..(oy + 1) * wo];
+                    out[..ox0].fill(T::zero());
+                    out[ox1..].fill(T::zero());
+                    let src = &plane[(oy * s.stride + ky - s.pad) * w..];
+                    let first = ox0 * s.stride + kx - s.pad;
+                    if s.stride == 1 {
+                        out[ox0..ox1].copy_from_slice(&src[first..first + ox1 - ox0]);
+                    } else {
+                        for (o, v) in out[ox0..ox1]
+                            .iter_mut()
+                            .zip(src[first..].iter().step_by(s.stride))
+                        {
+                            *o = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: `dx = 0`, then each column value is added back to its input.
+fn col2im<T: Real>(s: &Conv2d, col: &[T], dx: &mut [T]) {
+    let (ho, wo) = s.out_hw();
+    let (h, w, k) = (s.h, s.w, s.k);
+    dx.fill(T::zero());
+    let mut rows = col.chunks_exact(ho * wo);
+    for ci in 0..s.cin {
+        let plane = &mut dx[ci * h * w..(ci + 1) * h * w];
+        for ky in 0..k {
+            let (oy0, oy1) = valid_outputs(ky, s, h, ho);
+            for kx in 0..k {
+                let (ox0, ox1) = valid_outputs(kx, s, w, wo);
+                let Some(row) = rows.next() else { return };
+                for oy in oy0..oy1 {
+                    let src = &row[oy * wo + ox0..oy * wo + ox1];
+                    let dst = &mut plane[(oy * s.stride + ky - s.pad) * w..];
+                    let first = ox0 * s.stride + kx - s.pad;
+                    for (v, d) in src.iter().zip(dst[first..].iter_mut().step_by(s.stride)) {
+                        *d += *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = w * x`: per image `Y [cout, ho wo] = W [cout, cin k k] Col [cin k k, ho wo]`.
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
-    unimplemented!()
+    check_shapes(s, x.len(), w.len(), y.len(), "conv forward");
+    let (ho, wo) = s.out_hw();
+    let (kk, p) = (s.cin * s.k * s.k, ho * wo);
+    if s.n == 0 || p == 0 || s.cout == 0 {
+        return;
+    }
+    if s.cin == 0 {
+        y.fill(T::zero());
+        return;
+    }
+    let wm = Mat {
+        data: w,
+        rs: kk,
+        cs: 1,
+    };
+    let col_len = if is_pointwise(s) { 0 } else { kk * p };
+    y.par_chunks_mut(s.cout * p)
+        .zip(x.par_chunks(s.cin * s.h * s.w))
+        .for_each_init(
+            || Scratch::new(col_len),
+            |sc, (y, x)| {
+                let cols = if is_pointwise(s) {
+                    x
+                } else {
+                    im2col(s, x, &mut sc.col);
+                    &sc.col
+                };
+                y.fill(T::zero());
+                let b = Mat {
+                    data: cols,
+                    rs: p,
+                    cs: 1,
+                };
+                gemm::accumulate(s.cout, p, kk, wm, b, y, &mut sc.gemm);
+            },
+        );
 }
+
+/// `dx = w^T dy`: per image `dCol [cin k k, ho wo] = W^T dY`, then [`col2im`].
 pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
-    unimplemented!()
+    check_shapes(s, dx.len(), w.len(), dy.len(), "conv backward_data");
+    let (ho, wo) = s.out_hw();
+    let (kk, p) = (s.cin * s.k * s.k, ho * wo);
+    if s.n == 0 || s.cin == 0 || s.h * s.w == 0 {
+        return;
+    }
+    if s.cout == 0 || p == 0 {
+        dx.fill(T::zero());
+        return;
+    }
+    let wt = Mat {
+        data: w,
+        rs: 1,
+        cs: kk,
+    };
+    let col_len = if is_pointwise(s) { 0 } else { kk * p };
+    dx.par_chunks_mut(s.cin * s.h * s.w)
+        .zip(dy.par_chunks(s.cout * p))
+        .for_each_init(
+            || Scratch::new(col_len),
+            |sc, (dx, dy)| {
+                let b = Mat {
+                    data: dy,
+                    rs: p,
+                    cs: 1,
+                };
+                if is_pointwise(s) {
+                    dx.fill(T::zero());
+                    gemm::accumulate(kk, p, s.cout, wt, b, dx, &mut sc.gemm);
+                } else {
+                    sc.col.fill(T::zero());
+                    gemm::accumulate(kk, p, s.cout, wt, b, &mut sc.col, &mut sc.gemm);
+                    col2im(s, &sc.col, dx);
+                }
+            },
+        );
 }
+
+/// `dw += dy x^T`: per image `dW [cout, cin k k] += dY Col^T`, summed over fixed chunks of
+/// the batch, and the chunks' sums added to `dw` in chunk order.
 pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
-    unimplemented!()
+    check_shapes(s, x.len(), dw.len(), dy.len(), "conv backward_weight");
+    let (ho, wo) = s.out_hw();
+    let (kk, p) = (s.cin * s.k * s.k, ho * wo);
+    if s.n == 0 || p == 0 || dw.is_empty() {
+        return;
+    }
+    let per_chunk = s.n.div_ceil(MAX_WEIGHT_PARTIALS);
+    let chunks = s.n.div_ceil(per_chunk);
+    let (x_img, y_img) = (s.cin * s.h * s.w, s.cout * p);
+    let col_len = if is_pointwise(s) { 0 } else { kk * p };
+    let partials: Vec<Vec<T>> = (0..chunks)
+        .into_par_iter()
+        .map(|chunk| {
+            let mut sc = Scratch::new(col_len);
+            let mut part = vec![T::zero(); s.cout * kk];
+            for img in chunk * per_chunk..((chunk + 1) * per_chunk).min(s.n) {
+                let x = &x[img * x_img..(img + 1) * x_img];
+                let dy = &dy[img * y_img..(img + 1) * y_img];
+                let cols = if is_pointwise(s) {
+                    x
+                } else {
+                    im2col(s, x, &mut sc.col);
+                    &sc.col
+                };
+                let a = Mat {
+                    data: dy,
+                    rs: p,
+                    cs: 1,
+                };
+                let b = Mat {
+                    data: cols,
+                    rs: 1,
+                    cs: p,
+                };
+                gemm::accumulate(s.cout, kk, p, a, b, &mut part, &mut sc.gemm);
+            }
+            part
+        })
+        .collect();
+    for part in &partials {
+        for (d, &v) in dw.iter_mut().zip(part) {
+            *d += v;
+        }
+    }
+}
+
+/// The GEMM behind the convolutions: `C += A B` with `C` row-major and dense, `A` and `B`
+/// read through strides. Goto-style blocking: a `KC x NC` block of `B` and an `MC x KC`
+/// block of `A` are packed into panels the micro-kernel streams through, `MR x NR` of `C`
+/// at a time in registers.
+mod gemm {
+    use super::{Mat, Real};
+
+    pub const MR: usize = 8;
+    pub const NR: usize = 16;
+    const KC: usize = 256;
+    const MC: usize = 128;
+    const NC: usize = 1024;
+
+    /// Packing buffers, kept by the caller so repeated GEMMs do not allocate.
+    pub struct Packs<T> {
+        a: Vec<T>,
+        b: Vec<T>,
+    }
+
+    impl<T: Real> Packs<T> {
+        pub fn new() -> Self {
+            Packs {
+                a: Vec::new(),
+                b: Vec::new(),
+            }
+        }
+    }
+
+    /// How a multiply-add is done: fused where the processor has FMA (one rounding, and the
+    /// only fast way), separate otherwise (a software fma would be slow).
+    trait MulAdd {
+        fn mul_add<T: Real>(a: T, b: T, c: T) -> T;
+    }
+    struct Fused;
+    struct Separate;
+    impl MulAdd for Fused {
+        #[inline(always)]
+        fn mul_add<T: Real>(a: T, b: T, c: T) -> T {
+            a.mul_add(b, c)
+        }
+    }
+    impl MulAdd for Separate {
+        #[inline(always)]
+        fn mul_add<T: Real>(a: T, b: T, c: T) -> T {
+            a * b + c
+        }
+    }
+
+    /// `C [m, n] += A [m, k] B [k, n]`. Each `C` value is summed in the same order whatever
+    /// the vector width, so the AVX-512 and AVX2 paths give the same bits.
+    pub fn accumulate<T: Real>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat<T>,
+        b: Mat<T>,
+        c: &mut [T],
+        packs: &mut Packs<T>,
+    ) {
+        assert!(c.len() >= m * n, "gemm: C too short");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the processor has AVX-512F (and so AVX2 and FMA: every AVX-512
+                // processor has them), checked just above.
+                unsafe { accumulate_avx512(m, n, k, a, b, c, packs) };
+                return;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: AVX2 and FMA checked just above.
+                unsafe { accumulate_avx2(m, n, k, a, b, c, packs) };
+                return;
+            }
+        }
+        blocked::<T, Separate>(m, n, k, a, b, c, packs);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn accumulate_avx512<T: Real>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat<T>,
+        b: Mat<T>,
+        c: &mut [T],
+        packs: &mut Packs<T>,
+    ) {
+        blocked::<T, Fused>(m, n, k, a, b, c, packs);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn accumulate_avx2<T: Real>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat<T>,
+        b: Mat<T>,
+        c: &mut [T],
+        packs: &mut Packs<T>,
+    ) {
+        blocked::<T, Fused>(m, n, k, a, b, c, packs);
+    }
+
+    /// Packs `A[i0.., p0..]` (`mc x kc`) as `MR`-row panels, each `kc` steps of `MR` values,
+    /// zero-padded past `mc`.
+    #[inline(always)]
+    fn pack_a<T: Real>(a: Mat<T>, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [T]) {
+        for (panel, dst) in out
+            .chunks_exact_mut(kc * MR)
+            .take(mc.div_ceil(MR))
+            .enumerate()
+        {
+            let rows = MR.min(mc - panel * MR);
+            let base = (i0 + panel * MR) * a.rs + p0 * a.cs;
+            if rows < MR {
+                dst.fill(T::zero());
+            }
+            for i in 0..rows {
+                let src = base + i * a.rs;
+                for p in 0..kc {
+                    dst[p * MR + i] = a.data[src + p * a.cs];
+                }
+            }
+        }
+    }
+
+    /// Packs `B[p0.., j0..]` (`kc x nc`) as `NR`-column panels, each `kc` steps of `NR`
+    /// values, zero-padded past `nc`.
+    #[inline(always)]
+    fn pack_b<T: Real>(b: Mat<T>, p0: usize, kc: usize, j0: usize, nc: usize, out: &mut [T]) {
+        for (panel, dst) in out
+            .chunks_exact_mut(kc * NR)
+            .take(nc.div_ceil(NR))
+            .enumerate()
+        {
+            let cols = NR.min(nc - panel * NR);
+            let base = p0 * b.rs + (j0 + panel * NR) * b.cs;
+            if cols < NR {
+                dst.fill(T::zero());
+            }
+            if b.cs == 1 {
+                for p in 0..kc {
+                    let src = base + p * b.rs;
+                    dst[p * NR..p * NR + cols].copy_from_slice(&b.data[src..src + cols]);
+                }
+            } else {
+                for j in 0..cols {
+                    let src = base + j * b.cs;
+                    for p in 0..kc {
+                        dst[p * NR + j] = b.data[src + p * b.rs];
+                    }
+                }
+            }
+        }
+    }
+
+    /// The micro-kernel: an `MR x NR` tile of `A B` over `kc` steps, in registers.
+    #[inline(always)]
+    fn tile<T: Real, F: MulAdd>(kc: usize, a: &[T], b: &[T]) -> [[T; NR]; MR] {
+        let mut acc = [[T::zero(); NR]; MR];
+        for (a, b) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+            for i in 0..MR {
+                let ai = a[i];
+                for j in 0..NR {
+                    acc[i][j] = F::mul_add(ai, b[j], acc[i][j]);
+                }
+            }
+        }
+        acc
+    }
+
+    #[inline(always)]
+    fn blocked<T: Real, F: MulAdd>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat<T>,
+        b: Mat<T>,
+        c: &mut [T],
+        packs: &mut Packs<T>,
+    ) {
+        let kc_max = KC.min(k);
+        let a_len = MC.min(m).div_ceil(MR) * MR * kc_max;
+        let b_len = NC.min(n).div_ceil(NR) * NR * kc_max;
+        if packs.a.len() < a_len {
+            packs.a.resize(a_len, T::zero());
+        }
+        if packs.b.len() < b_len {
+            packs.b.resize(b_len, T::zero());
+        }
+        for j0 in (0..n).step_by(NC) {
+            let nc = NC.min(n - j0);
+            for p0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - p0);
+                pack_b(b, p0, kc, j0, nc, &mut packs.b);
+                for i0 in (0..m).step_by(MC) {
+                    let mc = MC.min(m - i0);
+                    pack_a(a, i0, mc, p0, kc, &mut packs.a);
+                    for (jp, bp) in packs
+                        .b
+                        .chunks_exact(kc * NR)
+                        .take(nc.div_ceil(NR))
+                        .enumerate()
+                    {
+                        let jj = j0 + jp * NR;
+                        let cols = NR.min(n - jj);
+                        for (ip, ap) in packs
+                            .a
+                            .chunks_exact(kc * MR)
+                            .take(mc.div_ceil(MR))
+                            .enumerate()
+                        {
+                            let ii = i0 + ip * MR;
+                            let acc = tile::<T, F>(kc, ap, bp);
+                            for (i, row) in acc.iter().enumerate().take(MR.min(m - ii)) {
+                                let dst = &mut c[(ii + i) * n + jj..(ii + i) * n + jj + cols];
+                                for (d, &v) in dst.iter_mut().zip(row) {
+                                    *d += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::gradcheck::{check, dot, random};
+
+    /// The definition, loop by loop, as the reference for the fast paths.
+    fn naive_forward(s: &Conv2d, x: &[f64], w: &[f64]) -> Vec<f64> {
+        let (ho, wo) = s.out_hw();
+        let mut y = vec![0.0; s.n * s.cout * ho * wo];
+        for n in 0..s.n {
+            for co in 0..s.cout {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut sum = 0.0;
+                        for ci in 0..s.cin {
+                            for ky in 0..s.k {
+                                for kx in 0..s.k {
+                                    let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                                    let ix = (ox * s.stride + kx) as isize - s.pad as isize;
+                                    if iy < 0 || ix < 0 || iy as usize >= s.h || ix as usize >= s.w
+                                    {
+                                        continue;
+                                    }
+                                    let xi =
+                                        ((n * s.cin + ci) * s.h + iy as usize) * s.w + ix as usize;
+                                    let wi = ((co * s.cin + ci) * s.k + ky) * s.k + kx;
+                                    sum += x[xi] * w[wi];
+                                }
+                            }
+                        }
+                        y[((n * s.cout + co) * ho + oy) * wo + ox] = sum;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn shape(
+        n: usize,
+        cin: usize,
+        h: usize,
+        w: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Conv2d {
+        Conv2d {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            k,
+            stride,
+            pad,
+        }
+    }
+
+    fn len(s: &Conv2d) -> (usize, usize, usize) {
+        let (ho, wo) = s.out_hw();
+        (
+            s.n * s.cin * s.h * s.w,
+            s.cout * s.cin * s.k * s.k,
+            s.n * s.cout * ho * wo,
+        )
+    }
+
+    fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f64 = b.iter().map(|b| b * b).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    fn gradient_case(s: Conv2d, seed: u64) {
+        let (xl, wl, yl) = len(&s);
+        let mut x = random(xl, seed);
+        let mut w = random(wl, seed + 1);
+        let r = random(yl, seed + 2);
+        let mut y = vec![0.0; yl];
+        forward(&s, &x, &w, &mut y);
+        assert!(
+            rel_err(&y, &naive_forward(&s, &x, &w)) < 1e-13,
+            "{s:?}: forward vs naive"
+        );
+        let mut dx = vec![5.0; xl];
+        backward_data(&s, &r, &w, &mut dx);
+        let w1 = w.clone();
+        check("conv dx", &mut x, &dx, 300, 1e-6, |x| {
+            let mut y = vec![0.0; yl];
+            forward(&s, x, &w1, &mut y);
+            dot(&y, &r)
+        });
+        let dw0 = random(wl, seed + 3);
+        let mut dw = dw0.clone();
+        backward_weight(&s, &x, &r, &mut dw);
+        let added: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
+        check("conv dw", &mut w, &added, 300, 1e-6, |w| {
+            let mut y = vec![0.0; yl];
+            forward(&s, &x, w, &mut y);
+            dot(&y, &r)
+        });
+    }
+
+    #[test]
+    fn conv_gradients_match_finite_differences() {
+        gradient_case(shape(2, 1, 13, 11, 3, 7, 2, 3), 1000); // stem: k7 s2 p3, odd sizes
+        gradient_case(shape(2, 3, 9, 7, 4, 3, 1, 1), 1010); // k3 s1 p1
+        gradient_case(shape(3, 4, 9, 11, 5, 1, 2, 0), 1020); // 1x1 s2 on odd sizes
+        gradient_case(shape(2, 3, 9, 7, 5, 3, 2, 1), 1030); // k3 s2 p1, odd sizes
+        gradient_case(shape(2, 3, 5, 6, 2, 1, 1, 0), 1040); // pointwise: no im2col
+        gradient_case(shape(1, 2, 2, 2, 3, 3, 2, 1), 1050); // 2x2 map, window beyond both edges
+    }
+
+    #[test]
+    fn fast_paths_match_naive_across_gemm_blocks() {
+        // cin k k = 369 crosses a KC block, cout = 131 an MC block, ho wo = 1120 an NC block;
+        // neither is a multiple of the register tile.
+        for s in [
+            shape(2, 41, 40, 28, 131, 3, 1, 1),
+            shape(2, 3, 35, 33, 17, 7, 2, 3),
+        ] {
+            let (xl, wl, yl) = len(&s);
+            let x = random(xl, 7);
+            let w = random(wl, 8);
+            let dy = random(yl, 9);
+            let mut y = vec![0.0; yl];
+            forward(&s, &x, &w, &mut y);
+            assert!(
+                rel_err(&y, &naive_forward(&s, &x, &w)) < 1e-13,
+                "{s:?}: forward"
+            );
+            // Adjoint identities against the naive forward: <dy, W x> = <dx, x> = <dw, w>.
+            let reference = dot(&naive_forward(&s, &x, &w), &dy);
+            let mut dx = vec![0.0; xl];
+            backward_data(&s, &dy, &w, &mut dx);
+            assert!((dot(&dx, &x) - reference).abs() < 1e-10 * reference.abs().max(1.0));
+            let mut dw = vec![0.0; wl];
+            backward_weight(&s, &x, &dy, &mut dw);
+            assert!((dot(&dw, &w) - reference).abs() < 1e-10 * reference.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn f32_matches_f64_and_thread_count_does_not_matter() {
+        for s in [
+            shape(70, 1, 24, 29, 16, 7, 2, 3),
+            shape(40, 16, 12, 15, 32, 3, 2, 1),
+        ] {
+            let (xl, wl, yl) = len(&s);
+            let (x, w, dy) = (random(xl, 11), random(wl, 12), random(yl, 13));
+            let to32 = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+            let (x32, w32, dy32) = (to32(&x), to32(&w), to32(&dy));
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut y = vec![0.0f32; yl];
+                    forward(&s, &x32, &w32, &mut y);
+                    let mut dx = vec![0.0f32; xl];
+                    backward_data(&s, &dy32, &w32, &mut dx);
+                    let mut dw = vec![0.5f32; wl];
+                    backward_weight(&s, &x32, &dy32, &mut dw);
+                    (y, dx, dw)
+                })
+            };
+            let one = run(1);
+            assert!(one == run(2), "{s:?}: 1 and 2 threads differ");
+            let mut y = vec![0.0; yl];
+            forward(&s, &x, &w, &mut y);
+            let mut dx = vec![0.0; xl];
+            backward_data(&s, &dy, &w, &mut dx);
+            let mut dw = vec![0.5; wl];
+            backward_weight(&s, &x, &dy, &mut dw);
+            let up = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+            for (what, a, b) in [("y", &one.0, &y), ("dx", &one.1, &dx), ("dw", &one.2, &dw)] {
+                let e = rel_err(&up(a), b);
+                assert!(e < 1e-5, "{s:?}: {what} f32 vs f64 relative error {e:.2e}");
+            }
+        }
+    }
 }
