@@ -262,11 +262,17 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
 /// The GEMM behind the convolutions: `C += A B` with `C` row-major and dense, `A` and `B`
 /// read through strides. Goto-style blocking: a `KC x NC` block of `B` and an `MC x KC`
 /// block of `A` are packed into panels the micro-kernel streams through, `MR x NR` of `C`
-/// at a time in registers.
+/// at a time in registers. f32 on x86-64 uses an explicit AVX2+FMA kernel (the compiler's
+/// own vectorisation of the generic tile gathers along `k` instead; AVX-512 intrinsics need
+/// a newer Rust than our MSRV, and Zen 4 runs them at the same FMA rate anyway). Each `C`
+/// value is summed over `k` in one fixed order.
 mod gemm {
     use super::{Mat, Real};
+    use std::any::TypeId;
 
-    pub const MR: usize = 8;
+    /// Register tile: 16 rows divide every channel count of the encoder (16..128); the AVX2
+    /// kernel walks it four rows (eight accumulators) at a time.
+    pub const MR: usize = 16;
     pub const NR: usize = 16;
     const KC: usize = 256;
     const MC: usize = 128;
@@ -287,28 +293,87 @@ mod gemm {
         }
     }
 
-    /// How a multiply-add is done: fused where the processor has FMA (one rounding, and the
-    /// only fast way), separate otherwise (a software fma would be slow).
-    trait MulAdd {
-        fn mul_add<T: Real>(a: T, b: T, c: T) -> T;
+    /// An `MR x NR` tile of `A B` over `kc` steps of packed panels.
+    trait Tile<T> {
+        fn tile(kc: usize, a: &[T], b: &[T], out: &mut [[T; NR]; MR]);
     }
-    struct Fused;
-    struct Separate;
-    impl MulAdd for Fused {
+
+    /// The portable tile, fused or not: fused where the processor has FMA (one rounding, as
+    /// the SIMD kernels), separate otherwise (a software fma would be slow).
+    struct Portable<const FUSED: bool>;
+
+    impl<T: Real, const FUSED: bool> Tile<T> for Portable<FUSED> {
         #[inline(always)]
-        fn mul_add<T: Real>(a: T, b: T, c: T) -> T {
-            a.mul_add(b, c)
-        }
-    }
-    impl MulAdd for Separate {
-        #[inline(always)]
-        fn mul_add<T: Real>(a: T, b: T, c: T) -> T {
-            a * b + c
+        fn tile(kc: usize, a: &[T], b: &[T], out: &mut [[T; NR]; MR]) {
+            *out = [[T::zero(); NR]; MR];
+            for (a, b) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+                for i in 0..MR {
+                    let ai = a[i];
+                    for j in 0..NR {
+                        out[i][j] = if FUSED {
+                            ai.mul_add(b[j], out[i][j])
+                        } else {
+                            ai * b[j] + out[i][j]
+                        };
+                    }
+                }
+            }
         }
     }
 
-    /// `C [m, n] += A [m, k] B [k, n]`. Each `C` value is summed in the same order whatever
-    /// the vector width, so the AVX-512 and AVX2 paths give the same bits.
+    #[cfg(target_arch = "x86_64")]
+    struct Avx2;
+
+    #[cfg(target_arch = "x86_64")]
+    impl Tile<f32> for Avx2 {
+        #[inline(always)]
+        fn tile(kc: usize, a: &[f32], b: &[f32], out: &mut [[f32; NR]; MR]) {
+            assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+            for rows in 0..MR / 4 {
+                // SAFETY: only reached from `accumulate_f32_avx2`, which runs when the
+                // processor has AVX2 and FMA; the panels hold `kc` steps (asserted above).
+                unsafe { tile_avx2_4rows(kc, a.as_ptr().add(4 * rows), b.as_ptr(), out, 4 * rows) }
+            }
+        }
+    }
+
+    /// Four rows of the tile (eight accumulators of 8 floats: AVX2 has 16 registers).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2_4rows(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        out: &mut [[f32; NR]; MR],
+        row0: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let mut c = [[_mm256_setzero_ps(); 2]; 4];
+        for p in 0..kc {
+            // SAFETY: `p < kc` and the caller checked the panel lengths.
+            let (b0, b1) = unsafe {
+                (
+                    _mm256_loadu_ps(b.add(p * NR)),
+                    _mm256_loadu_ps(b.add(p * NR + 8)),
+                )
+            };
+            for (i, c) in c.iter_mut().enumerate() {
+                let ai = _mm256_set1_ps(unsafe { *a.add(p * MR + i) });
+                c[0] = _mm256_fmadd_ps(ai, b0, c[0]);
+                c[1] = _mm256_fmadd_ps(ai, b1, c[1]);
+            }
+        }
+        for (i, c) in c.iter().enumerate() {
+            let o = &mut out[row0 + i];
+            // SAFETY: each row of `out` holds NR = 16 floats.
+            unsafe {
+                _mm256_storeu_ps(o.as_mut_ptr(), c[0]);
+                _mm256_storeu_ps(o.as_mut_ptr().add(8), c[1]);
+            }
+        }
+    }
+
+    /// `C [m, n] += A [m, k] B [k, n]`, on the fastest kernel this processor has.
     pub fn accumulate<T: Real>(
         m: usize,
         n: usize,
@@ -321,38 +386,56 @@ mod gemm {
         assert!(c.len() >= m * n, "gemm: C too short");
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the processor has AVX-512F (and so AVX2 and FMA: every AVX-512
-                // processor has them), checked just above.
-                unsafe { accumulate_avx512(m, n, k, a, b, c, packs) };
+            let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if TypeId::of::<T>() == TypeId::of::<f32>() && fma {
+                // SAFETY: T is f32 (checked above), so these are casts to the same type.
+                let (a, b, c, packs) = unsafe {
+                    (
+                        Mat {
+                            data: &*(a.data as *const [T] as *const [f32]),
+                            rs: a.rs,
+                            cs: a.cs,
+                        },
+                        Mat {
+                            data: &*(b.data as *const [T] as *const [f32]),
+                            rs: b.rs,
+                            cs: b.cs,
+                        },
+                        &mut *(c as *mut [T] as *mut [f32]),
+                        &mut *(packs as *mut Packs<T> as *mut Packs<f32>),
+                    )
+                };
+                // SAFETY: AVX2 and FMA checked above.
+                unsafe { accumulate_f32_avx2(m, n, k, a, b, c, packs) };
                 return;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: AVX2 and FMA checked just above.
-                unsafe { accumulate_avx2(m, n, k, a, b, c, packs) };
+            if fma {
+                // SAFETY: AVX2 and FMA checked above.
+                unsafe { accumulate_fma(m, n, k, a, b, c, packs) };
                 return;
             }
         }
-        blocked::<T, Separate>(m, n, k, a, b, c, packs);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn accumulate_avx512<T: Real>(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: Mat<T>,
-        b: Mat<T>,
-        c: &mut [T],
-        packs: &mut Packs<T>,
-    ) {
-        blocked::<T, Fused>(m, n, k, a, b, c, packs);
+        blocked::<T, Portable<false>>(m, n, k, a, b, c, packs);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate_avx2<T: Real>(
+    unsafe fn accumulate_f32_avx2(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat<f32>,
+        b: Mat<f32>,
+        c: &mut [f32],
+        packs: &mut Packs<f32>,
+    ) {
+        blocked::<f32, Avx2>(m, n, k, a, b, c, packs);
+    }
+
+    /// Other float types (f64 in the tests) with hardware FMA, so they round as f32 does.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn accumulate_fma<T: Real>(
         m: usize,
         n: usize,
         k: usize,
@@ -361,7 +444,7 @@ mod gemm {
         c: &mut [T],
         packs: &mut Packs<T>,
     ) {
-        blocked::<T, Fused>(m, n, k, a, b, c, packs);
+        blocked::<T, Portable<true>>(m, n, k, a, b, c, packs);
     }
 
     /// Packs `A[i0.., p0..]` (`mc x kc`) as `MR`-row panels, each `kc` steps of `MR` values,
@@ -378,10 +461,17 @@ mod gemm {
             if rows < MR {
                 dst.fill(T::zero());
             }
-            for i in 0..rows {
-                let src = base + i * a.rs;
+            if a.rs == 1 {
                 for p in 0..kc {
-                    dst[p * MR + i] = a.data[src + p * a.cs];
+                    let src = base + p * a.cs;
+                    dst[p * MR..p * MR + rows].copy_from_slice(&a.data[src..src + rows]);
+                }
+            } else {
+                for i in 0..rows {
+                    let src = base + i * a.rs;
+                    for p in 0..kc {
+                        dst[p * MR + i] = a.data[src + p * a.cs];
+                    }
                 }
             }
         }
@@ -417,23 +507,8 @@ mod gemm {
         }
     }
 
-    /// The micro-kernel: an `MR x NR` tile of `A B` over `kc` steps, in registers.
     #[inline(always)]
-    fn tile<T: Real, F: MulAdd>(kc: usize, a: &[T], b: &[T]) -> [[T; NR]; MR] {
-        let mut acc = [[T::zero(); NR]; MR];
-        for (a, b) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
-            for i in 0..MR {
-                let ai = a[i];
-                for j in 0..NR {
-                    acc[i][j] = F::mul_add(ai, b[j], acc[i][j]);
-                }
-            }
-        }
-        acc
-    }
-
-    #[inline(always)]
-    fn blocked<T: Real, F: MulAdd>(
+    fn blocked<T: Real, K: Tile<T>>(
         m: usize,
         n: usize,
         k: usize,
@@ -451,6 +526,7 @@ mod gemm {
         if packs.b.len() < b_len {
             packs.b.resize(b_len, T::zero());
         }
+        let mut acc = [[T::zero(); NR]; MR];
         for j0 in (0..n).step_by(NC) {
             let nc = NC.min(n - j0);
             for p0 in (0..k).step_by(KC) {
@@ -474,7 +550,7 @@ mod gemm {
                             .enumerate()
                         {
                             let ii = i0 + ip * MR;
-                            let acc = tile::<T, F>(kc, ap, bp);
+                            K::tile(kc, ap, bp, &mut acc);
                             for (i, row) in acc.iter().enumerate().take(MR.min(m - ii)) {
                                 let dst = &mut c[(ii + i) * n + jj..(ii + i) * n + jj + cols];
                                 for (d, &v) in dst.iter_mut().zip(row) {
@@ -671,6 +747,62 @@ mod tests {
             for (what, a, b) in [("y", &one.0, &y), ("dx", &one.1, &dx), ("dw", &one.2, &dw)] {
                 let e = rel_err(&up(a), b);
                 assert!(e < 1e-5, "{s:?}: {what} f32 vs f64 relative error {e:.2e}");
+            }
+        }
+    }
+
+    /// Speed at the paper's shapes (one subject's 306 axial-sized slices):
+    /// `cargo test --release --lib conv::tests::speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn speed() {
+        let shapes = [
+            ("stem 1->16 k7 s2", shape(306, 1, 96, 114, 16, 7, 2, 3)),
+            ("stage1 16->16 k3", shape(306, 16, 24, 29, 16, 3, 1, 1)),
+            ("stage2 16->32 k3 s2", shape(306, 16, 24, 29, 32, 3, 2, 1)),
+            ("stage2 32->32 k3", shape(306, 32, 12, 15, 32, 3, 1, 1)),
+            ("stage3 64->64 k3", shape(306, 64, 6, 8, 64, 3, 1, 1)),
+            ("stage4 128->128 k3", shape(306, 128, 3, 4, 128, 3, 1, 1)),
+        ];
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (name, s) in shapes {
+                let (xl, wl, yl) = len(&s);
+                let to32 = |v: Vec<f64>| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+                let (x, w, dy) = (
+                    to32(random(xl, 1)),
+                    to32(random(wl, 2)),
+                    to32(random(yl, 3)),
+                );
+                let (mut y, mut dx, mut dw) = (vec![0f32; yl], vec![0f32; xl], vec![0f32; wl]);
+                let (ho, wo) = s.out_hw();
+                let flop = 2.0 * (s.n * s.cout * ho * wo * s.cin * s.k * s.k) as f64;
+                let time = |f: &mut dyn FnMut()| {
+                    f();
+                    let reps = 3;
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        f();
+                    }
+                    t.elapsed().as_secs_f64() / reps as f64
+                };
+                pool.install(|| {
+                    let tf = time(&mut || forward(&s, &x, &w, &mut y));
+                    let td = time(&mut || backward_data(&s, &dy, &w, &mut dx));
+                    let tw = time(&mut || backward_weight(&s, &x, &dy, &mut dw));
+                    println!(
+                        "{threads} thr  {name:<20} fwd {:6.1} ms {:5.1} GF/s | bwd-data {:6.1} ms {:5.1} GF/s | bwd-weight {:6.1} ms {:5.1} GF/s",
+                        tf * 1e3,
+                        flop / tf / 1e9,
+                        td * 1e3,
+                        flop / td / 1e9,
+                        tw * 1e3,
+                        flop / tw / 1e9
+                    );
+                });
             }
         }
     }
