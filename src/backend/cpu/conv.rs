@@ -156,11 +156,16 @@ pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
         y.fill(T::zero());
         return;
     }
-    let wm = Mat {
-        data: w,
-        rs: kk,
-        cs: 1,
-    };
+    // The weight is packed once for the whole batch.
+    let wp = gemm::pack_lhs(
+        s.cout,
+        kk,
+        Mat {
+            data: w,
+            rs: kk,
+            cs: 1,
+        },
+    );
     let col_len = if is_pointwise(s) { 0 } else { kk * p };
     y.par_chunks_mut(s.cout * p)
         .zip(x.par_chunks(s.cin * s.h * s.w))
@@ -179,7 +184,7 @@ pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
                     rs: p,
                     cs: 1,
                 };
-                gemm::accumulate(s.cout, p, kk, wm, b, y, &mut sc.gemm);
+                gemm::accumulate(s.cout, p, kk, gemm::Lhs::Packed(&wp), b, y, &mut sc.gemm);
             },
         );
 }
@@ -196,11 +201,16 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
         dx.fill(T::zero());
         return;
     }
-    let wt = Mat {
-        data: w,
-        rs: 1,
-        cs: kk,
-    };
+    // The transposed weight is packed once for the whole batch.
+    let wt = gemm::pack_lhs(
+        kk,
+        s.cout,
+        Mat {
+            data: w,
+            rs: 1,
+            cs: kk,
+        },
+    );
     let col_len = if is_pointwise(s) { 0 } else { kk * p };
     dx.par_chunks_mut(s.cin * s.h * s.w)
         .zip(dy.par_chunks(s.cout * p))
@@ -214,10 +224,18 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
                 };
                 if is_pointwise(s) {
                     dx.fill(T::zero());
-                    gemm::accumulate(kk, p, s.cout, wt, b, dx, &mut sc.gemm);
+                    gemm::accumulate(kk, p, s.cout, gemm::Lhs::Packed(&wt), b, dx, &mut sc.gemm);
                 } else {
                     sc.col.fill(T::zero());
-                    gemm::accumulate(kk, p, s.cout, wt, b, &mut sc.col, &mut sc.gemm);
+                    gemm::accumulate(
+                        kk,
+                        p,
+                        s.cout,
+                        gemm::Lhs::Packed(&wt),
+                        b,
+                        &mut sc.col,
+                        &mut sc.gemm,
+                    );
                     col2im(s, &sc.col, dx);
                 }
             },
@@ -267,7 +285,15 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
                         rs: 1,
                         cs: p,
                     };
-                    gemm::accumulate(s.cout, kk, p, a, b, &mut part, &mut sc.gemm);
+                    gemm::accumulate(
+                        s.cout,
+                        kk,
+                        p,
+                        gemm::Lhs::Strided(a),
+                        b,
+                        &mut part,
+                        &mut sc.gemm,
+                    );
                 }
             }
             part
@@ -525,17 +551,53 @@ mod gemm {
         }
     }
 
+    /// The left operand: read through strides and packed block by block, or packed once
+    /// up front by [`pack_lhs`] (the weight, shared by every image of a batch).
+    #[derive(Clone, Copy)]
+    pub enum Lhs<'a, T> {
+        Strided(Mat<'a, T>),
+        Packed(&'a [T]),
+    }
+
+    /// Casts a slice to the same type behind another name.
+    ///
+    /// # Safety
+    /// `T` and `U` must be the same type.
+    unsafe fn same<T: 'static, U: 'static>(x: &[T]) -> &[U] {
+        debug_assert!(TypeId::of::<T>() == TypeId::of::<U>());
+        // SAFETY: the caller guarantees T == U.
+        unsafe { &*(x as *const [T] as *const [U]) }
+    }
+
+    /// `A [m, k]` packed for [`accumulate`]: per block of `KC` summed indices, every `MR`-row
+    /// panel in turn (rows zero-padded to a multiple of `MR`).
+    pub fn pack_lhs<T: Real>(m: usize, k: usize, a: Mat<T>) -> Vec<T> {
+        let mpad = m.div_ceil(MR) * MR;
+        let mut out = vec![T::zero(); mpad * k];
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            pack_a(a, 0, m, p0, kc, &mut out[p0 * mpad..]);
+        }
+        out
+    }
+
     /// `C [m, n] += A [m, k] B [k, n]`, on the fastest kernel this processor has.
     pub fn accumulate<T: Real>(
         m: usize,
         n: usize,
         k: usize,
-        a: Mat<T>,
+        a: Lhs<T>,
         b: Mat<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
     ) {
         assert!(c.len() >= m * n, "gemm: C too short");
+        if let Lhs::Packed(a) = a {
+            assert!(
+                a.len() >= m.div_ceil(MR) * MR * k,
+                "gemm: packed A too short"
+            );
+        }
         #[cfg(target_arch = "x86_64")]
         {
             let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
@@ -543,13 +605,16 @@ mod gemm {
                 // SAFETY: T is f32 (checked above), so these are casts to the same type.
                 let (a, b, c, packs) = unsafe {
                     (
-                        Mat {
-                            data: &*(a.data as *const [T] as *const [f32]),
-                            rs: a.rs,
-                            cs: a.cs,
+                        match a {
+                            Lhs::Strided(a) => Lhs::Strided(Mat {
+                                data: same(a.data),
+                                rs: a.rs,
+                                cs: a.cs,
+                            }),
+                            Lhs::Packed(a) => Lhs::Packed(same(a)),
                         },
                         Mat {
-                            data: &*(b.data as *const [T] as *const [f32]),
+                            data: same(b.data),
                             rs: b.rs,
                             cs: b.cs,
                         },
@@ -576,7 +641,7 @@ mod gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: Mat<f32>,
+        a: Lhs<f32>,
         b: Mat<f32>,
         c: &mut [f32],
         packs: &mut Packs<f32>,
@@ -591,7 +656,7 @@ mod gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: Mat<T>,
+        a: Lhs<T>,
         b: Mat<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
@@ -664,13 +729,16 @@ mod gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: Mat<T>,
+        a: Lhs<T>,
         b: Mat<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
     ) {
         let kc_max = KC.min(k);
-        let a_len = MC.min(m).div_ceil(MR) * MR * kc_max;
+        let a_len = match a {
+            Lhs::Strided(_) => MC.min(m).div_ceil(MR) * MR * kc_max,
+            Lhs::Packed(_) => 0,
+        };
         let b_len = NC.min(n).div_ceil(NR) * NR * kc_max;
         if packs.a.len() < a_len {
             packs.a.resize(a_len, T::zero());
@@ -686,7 +754,13 @@ mod gemm {
                 pack_b(b, p0, kc, j0, nc, &mut packs.b);
                 for i0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - i0);
-                    pack_a(a, i0, mc, p0, kc, &mut packs.a);
+                    let a_block: &[T] = match a {
+                        Lhs::Strided(a) => {
+                            pack_a(a, i0, mc, p0, kc, &mut packs.a);
+                            &packs.a
+                        }
+                        Lhs::Packed(a) => &a[p0 * m.div_ceil(MR) * MR + i0 * kc..],
+                    };
                     for (jp, bp) in packs
                         .b
                         .chunks_exact(kc * NR)
@@ -695,8 +769,7 @@ mod gemm {
                     {
                         let jj = j0 + jp * NR;
                         let cols = NR.min(n - jj);
-                        for (ip, ap) in packs
-                            .a
+                        for (ip, ap) in a_block
                             .chunks_exact(kc * MR)
                             .take(mc.div_ceil(MR))
                             .enumerate()
