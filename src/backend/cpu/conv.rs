@@ -5,6 +5,8 @@
 use super::Real;
 use crate::backend::Conv2d;
 use rayon::prelude::*;
+use std::any::TypeId;
+use std::cell::RefCell;
 
 /// The weight gradient is summed over at most this many fixed chunks of the batch (enough to
 /// keep a few dozen cores busy; each chunk holds one weight-sized partial sum).
@@ -24,18 +26,64 @@ struct Mat<'a, T> {
     cs: usize,
 }
 
-/// Per-task buffers, reused across the images one task handles.
+/// Per-thread buffers: the columns of one image and the GEMM's packs. They live as long as
+/// the thread, so a training run does not page-fault fresh buffers on every call.
 struct Scratch<T> {
     col: Vec<T>,
     gemm: gemm::Packs<T>,
 }
 
 impl<T: Real> Scratch<T> {
-    fn new(col_len: usize) -> Self {
+    fn new() -> Self {
         Scratch {
-            col: vec![T::zero(); col_len],
+            col: Vec::new(),
             gemm: gemm::Packs::new(),
         }
+    }
+}
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Scratch<f32>> = RefCell::new(Scratch::new());
+    static SCRATCH_F64: RefCell<Scratch<f64>> = RefCell::new(Scratch::new());
+}
+
+/// Runs `f` with this thread's scratch, its column buffer at least `col_len` long. `f` must
+/// not start rayon work (a stolen task would find the scratch borrowed; it would then fall
+/// back to fresh buffers, correct but slow).
+fn with_scratch<T: Real, R>(col_len: usize, f: impl FnOnce(&mut Scratch<T>) -> R) -> R {
+    fn run<T: Real, U: Real, R>(
+        cell: &RefCell<Scratch<U>>,
+        col_len: usize,
+        f: impl FnOnce(&mut Scratch<T>) -> R,
+    ) -> R {
+        assert!(
+            TypeId::of::<T>() == TypeId::of::<U>(),
+            "scratch of another type"
+        );
+        match cell.try_borrow_mut() {
+            Ok(mut sc) => {
+                // SAFETY: T and U are the same type (asserted above).
+                let sc = unsafe { &mut *(&mut *sc as *mut Scratch<U> as *mut Scratch<T>) };
+                if sc.col.len() < col_len {
+                    sc.col.resize(col_len, T::zero());
+                }
+                f(sc)
+            }
+            Err(_) => {
+                let mut sc = Scratch::new();
+                sc.col.resize(col_len, T::zero());
+                f(&mut sc)
+            }
+        }
+    }
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        SCRATCH_F32.with(|cell| run(cell, col_len, f))
+    } else if TypeId::of::<T>() == TypeId::of::<f64>() {
+        SCRATCH_F64.with(|cell| run(cell, col_len, f))
+    } else {
+        let mut sc = Scratch::new();
+        sc.col.resize(col_len, T::zero());
+        f(&mut sc)
     }
 }
 
@@ -169,14 +217,13 @@ pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
     let col_len = if is_pointwise(s) { 0 } else { kk * p };
     y.par_chunks_mut(s.cout * p)
         .zip(x.par_chunks(s.cin * s.h * s.w))
-        .for_each_init(
-            || Scratch::new(col_len),
-            |sc, (y, x)| {
+        .for_each(|(y, x)| {
+            with_scratch(col_len, |sc: &mut Scratch<T>| {
                 let cols = if is_pointwise(s) {
                     x
                 } else {
-                    im2col(s, x, &mut sc.col);
-                    &sc.col
+                    im2col(s, x, &mut sc.col[..col_len]);
+                    &sc.col[..col_len]
                 };
                 y.fill(T::zero());
                 let b = Mat {
@@ -185,8 +232,8 @@ pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
                     cs: 1,
                 };
                 gemm::accumulate(s.cout, p, kk, gemm::Lhs::Packed(&wp), b, y, &mut sc.gemm);
-            },
-        );
+            })
+        });
 }
 
 /// `dx = w^T dy`: per image `dCol [cin k k, ho wo] = W^T dY`, then [`col2im`].
@@ -214,32 +261,25 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
     let col_len = if is_pointwise(s) { 0 } else { kk * p };
     dx.par_chunks_mut(s.cin * s.h * s.w)
         .zip(dy.par_chunks(s.cout * p))
-        .for_each_init(
-            || Scratch::new(col_len),
-            |sc, (dx, dy)| {
+        .for_each(|(dx, dy)| {
+            with_scratch(col_len, |sc: &mut Scratch<T>| {
                 let b = Mat {
                     data: dy,
                     rs: p,
                     cs: 1,
                 };
+                let wt = gemm::Lhs::Packed(&wt);
                 if is_pointwise(s) {
                     dx.fill(T::zero());
-                    gemm::accumulate(kk, p, s.cout, gemm::Lhs::Packed(&wt), b, dx, &mut sc.gemm);
+                    gemm::accumulate(kk, p, s.cout, wt, b, dx, &mut sc.gemm);
                 } else {
-                    sc.col.fill(T::zero());
-                    gemm::accumulate(
-                        kk,
-                        p,
-                        s.cout,
-                        gemm::Lhs::Packed(&wt),
-                        b,
-                        &mut sc.col,
-                        &mut sc.gemm,
-                    );
-                    col2im(s, &sc.col, dx);
+                    let col = &mut sc.col[..col_len];
+                    col.fill(T::zero());
+                    gemm::accumulate(kk, p, s.cout, wt, b, col, &mut sc.gemm);
+                    col2im(s, col, dx);
                 }
-            },
-        );
+            })
+        });
 }
 
 /// `dw += dy x^T`: per image `dW [cout, cin k k] += dY Col^T`, summed over fixed chunks of
@@ -258,44 +298,45 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
     let partials: Vec<Vec<T>> = (0..chunks)
         .into_par_iter()
         .map(|chunk| {
-            let mut sc = Scratch::new(col_len);
             let mut part = vec![T::zero(); s.cout * kk];
-            for img in chunk * per_chunk..((chunk + 1) * per_chunk).min(s.n) {
-                let x = &x[img * x_img..(img + 1) * x_img];
-                let dy = &dy[img * y_img..(img + 1) * y_img];
-                let cols = if is_pointwise(s) {
-                    x
-                } else {
-                    im2col(s, x, &mut sc.col);
-                    &sc.col
-                };
-                // Both operands run along the output positions, the sum's index: a
-                // dot-product kernel reads them in place where a GEMM would transpose both,
-                // but its lane sums cost too much on short rows (deep, small maps).
-                if p >= DOTS_MIN_POSITIONS {
-                    dots::accumulate(s.cout, kk, p, dy, cols, &mut part);
-                } else {
-                    let a = Mat {
-                        data: dy,
-                        rs: p,
-                        cs: 1,
+            with_scratch(col_len, |sc: &mut Scratch<T>| {
+                for img in chunk * per_chunk..((chunk + 1) * per_chunk).min(s.n) {
+                    let x = &x[img * x_img..(img + 1) * x_img];
+                    let dy = &dy[img * y_img..(img + 1) * y_img];
+                    let cols = if is_pointwise(s) {
+                        x
+                    } else {
+                        im2col(s, x, &mut sc.col[..col_len]);
+                        &sc.col[..col_len]
                     };
-                    let b = Mat {
-                        data: cols,
-                        rs: 1,
-                        cs: p,
-                    };
-                    gemm::accumulate(
-                        s.cout,
-                        kk,
-                        p,
-                        gemm::Lhs::Strided(a),
-                        b,
-                        &mut part,
-                        &mut sc.gemm,
-                    );
+                    // Both operands run along the output positions, the sum's index: a
+                    // dot-product kernel reads them in place where a GEMM would transpose both,
+                    // but its lane sums cost too much on short rows (deep, small maps).
+                    if p >= DOTS_MIN_POSITIONS {
+                        dots::accumulate(s.cout, kk, p, dy, cols, &mut part);
+                    } else {
+                        let a = Mat {
+                            data: dy,
+                            rs: p,
+                            cs: 1,
+                        };
+                        let b = Mat {
+                            data: cols,
+                            rs: 1,
+                            cs: p,
+                        };
+                        gemm::accumulate(
+                            s.cout,
+                            kk,
+                            p,
+                            gemm::Lhs::Strided(a),
+                            b,
+                            &mut part,
+                            &mut sc.gemm,
+                        );
+                    }
                 }
-            }
+            });
             part
         })
         .collect();
