@@ -30,6 +30,7 @@ struct Mat<'a, T> {
 /// the thread, so a training run does not page-fault fresh buffers on every call.
 struct Scratch<T> {
     col: Vec<T>,
+    row: Vec<T>,
     gemm: gemm::Packs<T>,
 }
 
@@ -37,6 +38,7 @@ impl<T: Real> Scratch<T> {
     fn new() -> Self {
         Scratch {
             col: Vec::new(),
+            row: Vec::new(),
             gemm: gemm::Packs::new(),
         }
     }
@@ -123,38 +125,63 @@ fn valid_outputs(tap: usize, s: &Conv2d, len: usize, outs: usize) -> (usize, usi
 /// `col[(ci k + ky) k + kx][oy wo + ox] = x[ci][oy s - p + ky][ox s - p + kx]` (0 outside).
 fn im2col<T: Real>(s: &Conv2d, x: &[T], col: &mut [T]) {
     let (ho, wo) = s.out_hw();
-    let (h, w, k) = (s.h, s.w, s.k);
     let mut rows = col.chunks_exact_mut(ho * wo);
     for ci in 0..s.cin {
-        let plane = &x[ci * h * w..(ci + 1) * h * w];
-        for ky in 0..k {
-            let (oy0, oy1) = valid_outputs(ky, s, h, ho);
-            for kx in 0..k {
-                let (ox0, ox1) = valid_outputs(kx, s, w, wo);
+        let plane = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
+        for ky in 0..s.k {
+            for kx in 0..s.k {
                 let Some(row) = rows.next() else { return };
-                row[..oy0 * wo].fill(T::zero());
-                row[oy1 * wo..].fill(T::zero());
-                for oy in oy0..oy1 {
-                    let out = &mut row[oy * wo..(oy + 1) * wo];
-                    out[..ox0].fill(T::zero());
-                    out[ox1..].fill(T::zero());
-                    let src = &plane[(oy * s.stride + ky - s.pad) * w..];
-                    let first = ox0 * s.stride + kx - s.pad;
-                    if s.stride == 1 {
-                        // An element loop, not copy_from_slice: rows are a few dozen values
-                        // and a memcpy call per row costs more than the copy.
-                        for (o, v) in out[ox0..ox1].iter_mut().zip(&src[first..]) {
-                            *o = *v;
-                        }
-                    } else {
-                        for (o, v) in out[ox0..ox1]
-                            .iter_mut()
-                            .zip(src[first..].iter().step_by(s.stride))
-                        {
-                            *o = *v;
-                        }
-                    }
-                }
+                im2col_row(s, plane, ky, kx, row);
+            }
+        }
+    }
+}
+
+/// The same columns, written straight into the GEMM's packed right-operand layout (which
+/// saves the forward pass a copy of the whole column matrix); `row` is a scratch row.
+fn im2col_packed<T: Real>(s: &Conv2d, x: &[T], row: &mut [T], packed: &mut [T]) {
+    let (ho, wo) = s.out_hw();
+    let (p, kk) = (ho * wo, s.cin * s.k * s.k);
+    let row = &mut row[..p.div_ceil(gemm::NR) * gemm::NR];
+    row[p..].fill(T::zero());
+    let mut r = 0;
+    for ci in 0..s.cin {
+        let plane = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
+        for ky in 0..s.k {
+            for kx in 0..s.k {
+                im2col_row(s, plane, ky, kx, &mut row[..p]);
+                gemm::scatter_rhs_row(kk, p, r, row, packed);
+                r += 1;
+            }
+        }
+    }
+}
+
+/// One row of [`im2col`]: tap `(ky, kx)` of one input plane at every output position.
+fn im2col_row<T: Real>(s: &Conv2d, plane: &[T], ky: usize, kx: usize, row: &mut [T]) {
+    let (ho, wo) = s.out_hw();
+    let (oy0, oy1) = valid_outputs(ky, s, s.h, ho);
+    let (ox0, ox1) = valid_outputs(kx, s, s.w, wo);
+    row[..oy0 * wo].fill(T::zero());
+    row[oy1 * wo..].fill(T::zero());
+    for oy in oy0..oy1 {
+        let out = &mut row[oy * wo..(oy + 1) * wo];
+        out[..ox0].fill(T::zero());
+        out[ox1..].fill(T::zero());
+        let src = &plane[(oy * s.stride + ky - s.pad) * s.w..];
+        let first = ox0 * s.stride + kx - s.pad;
+        if s.stride == 1 {
+            // An element loop, not copy_from_slice: rows are a few dozen values and a
+            // memcpy call per row costs more than the copy.
+            for (o, v) in out[ox0..ox1].iter_mut().zip(&src[first..]) {
+                *o = *v;
+            }
+        } else {
+            for (o, v) in out[ox0..ox1]
+                .iter_mut()
+                .zip(src[first..].iter().step_by(s.stride))
+            {
+                *o = *v;
             }
         }
     }
@@ -214,23 +241,29 @@ pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
             cs: 1,
         },
     );
-    let col_len = if is_pointwise(s) { 0 } else { kk * p };
+    let col_len = if is_pointwise(s) {
+        0
+    } else {
+        gemm::rhs_packed_len(kk, p)
+    };
     y.par_chunks_mut(s.cout * p)
         .zip(x.par_chunks(s.cin * s.h * s.w))
         .for_each(|(y, x)| {
             with_scratch(col_len, |sc: &mut Scratch<T>| {
-                let cols = if is_pointwise(s) {
-                    x
+                let b = if is_pointwise(s) {
+                    gemm::Rhs::Strided(Mat {
+                        data: x,
+                        rs: p,
+                        cs: 1,
+                    })
                 } else {
-                    im2col(s, x, &mut sc.col[..col_len]);
-                    &sc.col[..col_len]
+                    if sc.row.len() < p + gemm::NR {
+                        sc.row.resize(p + gemm::NR, T::zero());
+                    }
+                    im2col_packed(s, x, &mut sc.row, &mut sc.col[..col_len]);
+                    gemm::Rhs::Packed(&sc.col[..col_len])
                 };
                 y.fill(T::zero());
-                let b = Mat {
-                    data: cols,
-                    rs: p,
-                    cs: 1,
-                };
                 gemm::accumulate(s.cout, p, kk, gemm::Lhs::Packed(&wp), b, y, &mut sc.gemm);
             })
         });
@@ -263,11 +296,11 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
         .zip(dy.par_chunks(s.cout * p))
         .for_each(|(dx, dy)| {
             with_scratch(col_len, |sc: &mut Scratch<T>| {
-                let b = Mat {
+                let b = gemm::Rhs::Strided(Mat {
                     data: dy,
                     rs: p,
                     cs: 1,
-                };
+                });
                 let wt = gemm::Lhs::Packed(&wt);
                 if is_pointwise(s) {
                     dx.fill(T::zero());
@@ -320,11 +353,11 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
                             rs: p,
                             cs: 1,
                         };
-                        let b = Mat {
+                        let b = gemm::Rhs::Strided(Mat {
                             data: cols,
                             rs: 1,
                             cs: p,
-                        };
+                        });
                         gemm::accumulate(
                             s.cout,
                             kk,
@@ -622,13 +655,43 @@ mod gemm {
         out
     }
 
+    /// The right operand: read through strides and packed block by block, or already in
+    /// the packed layout (see [`scatter_rhs_row`]).
+    #[derive(Clone, Copy)]
+    pub enum Rhs<'a, T> {
+        Strided(Mat<'a, T>),
+        Packed(&'a [T]),
+    }
+
+    /// Length of `B [k, n]` in the packed layout.
+    pub fn rhs_packed_len(k: usize, n: usize) -> usize {
+        k * n.div_ceil(NR) * NR
+    }
+
+    /// Writes row `r` of `B [k, n]` into the packed layout: per block of `KC` summed
+    /// indices, every `NR`-column panel in turn. `row` holds the row zero-padded to a
+    /// multiple of `NR`.
+    #[inline]
+    pub fn scatter_rhs_row<T: Real>(k: usize, n: usize, r: usize, row: &[T], packed: &mut [T]) {
+        let npad = n.div_ceil(NR) * NR;
+        let p0 = r / KC * KC;
+        let kc = KC.min(k - p0);
+        let block = &mut packed[p0 * npad..(p0 + kc) * npad];
+        for (panel, src) in block
+            .chunks_exact_mut(kc * NR)
+            .zip(row[..npad].chunks_exact(NR))
+        {
+            panel[(r - p0) * NR..(r - p0 + 1) * NR].copy_from_slice(src);
+        }
+    }
+
     /// `C [m, n] += A [m, k] B [k, n]`, on the fastest kernel this processor has.
     pub fn accumulate<T: Real>(
         m: usize,
         n: usize,
         k: usize,
         a: Lhs<T>,
-        b: Mat<T>,
+        b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
     ) {
@@ -654,10 +717,13 @@ mod gemm {
                             }),
                             Lhs::Packed(a) => Lhs::Packed(same(a)),
                         },
-                        Mat {
-                            data: same(b.data),
-                            rs: b.rs,
-                            cs: b.cs,
+                        match b {
+                            Rhs::Strided(b) => Rhs::Strided(Mat {
+                                data: same(b.data),
+                                rs: b.rs,
+                                cs: b.cs,
+                            }),
+                            Rhs::Packed(b) => Rhs::Packed(same(b)),
                         },
                         &mut *(c as *mut [T] as *mut [f32]),
                         &mut *(packs as *mut Packs<T> as *mut Packs<f32>),
@@ -683,7 +749,7 @@ mod gemm {
         n: usize,
         k: usize,
         a: Lhs<f32>,
-        b: Mat<f32>,
+        b: Rhs<f32>,
         c: &mut [f32],
         packs: &mut Packs<f32>,
     ) {
@@ -698,7 +764,7 @@ mod gemm {
         n: usize,
         k: usize,
         a: Lhs<T>,
-        b: Mat<T>,
+        b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
     ) {
@@ -771,7 +837,7 @@ mod gemm {
         n: usize,
         k: usize,
         a: Lhs<T>,
-        b: Mat<T>,
+        b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
     ) {
@@ -780,7 +846,10 @@ mod gemm {
             Lhs::Strided(_) => MC.min(m).div_ceil(MR) * MR * kc_max,
             Lhs::Packed(_) => 0,
         };
-        let b_len = NC.min(n).div_ceil(NR) * NR * kc_max;
+        let b_len = match b {
+            Rhs::Strided(_) => NC.min(n).div_ceil(NR) * NR * kc_max,
+            Rhs::Packed(_) => 0,
+        };
         if packs.a.len() < a_len {
             packs.a.resize(a_len, T::zero());
         }
@@ -792,7 +861,13 @@ mod gemm {
             let nc = NC.min(n - j0);
             for p0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - p0);
-                pack_b(b, p0, kc, j0, nc, &mut packs.b);
+                let b_block: &[T] = match b {
+                    Rhs::Strided(b) => {
+                        pack_b(b, p0, kc, j0, nc, &mut packs.b);
+                        &packs.b
+                    }
+                    Rhs::Packed(b) => &b[p0 * n.div_ceil(NR) * NR + j0 * kc..],
+                };
                 for i0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - i0);
                     let a_block: &[T] = match a {
@@ -802,8 +877,7 @@ mod gemm {
                         }
                         Lhs::Packed(a) => &a[p0 * m.div_ceil(MR) * MR + i0 * kc..],
                     };
-                    for (jp, bp) in packs
-                        .b
+                    for (jp, bp) in b_block
                         .chunks_exact(kc * NR)
                         .take(nc.div_ceil(NR))
                         .enumerate()
