@@ -1,7 +1,7 @@
 //! Finite-difference checking for the CPU ops' backward passes, in f64. An op's test builds
 //! a scalar `L = sum(y * r)` with a random `r` (so `dy = r`), runs the op's backward, and
 //! compares each analytic gradient with central differences of `L`.
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// `n` values uniform in [-1, 1) from a seeded stream: never zeros, never the same twice.
