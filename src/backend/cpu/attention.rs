@@ -72,7 +72,17 @@ pub fn forward<T: Real>(s: &Attention, q: &[T], k: &[T], v: &[T], probs: &mut [T
                 softmax_row(row);
             }
             let mut o = vec![T::zero(); t * dh];
-            gemm_serial(t, dh, t, T::one(), &dense(p, t, false), &vh, T::zero(), &mut o, dh);
+            gemm_serial(
+                t,
+                dh,
+                t,
+                T::one(),
+                &dense(p, t, false),
+                &vh,
+                T::zero(),
+                &mut o,
+                dh,
+            );
             o
         })
         .collect();
@@ -119,7 +129,17 @@ pub fn backward<T: Real>(
             let (bi, h) = (task / s.heads, task % s.heads);
             let doh = head(s, dout, bi, h, false);
             let mut ds = vec![T::zero(); t * t];
-            gemm_serial(t, t, dh, T::one(), &doh, &head(s, v, bi, h, true), T::zero(), &mut ds, t);
+            gemm_serial(
+                t,
+                t,
+                dh,
+                T::one(),
+                &doh,
+                &head(s, v, bi, h, true),
+                T::zero(),
+                &mut ds,
+                t,
+            );
             let scale = T::of(s.scale);
             for (dsr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
                 let dot: T = dsr.iter().zip(pr).map(|(&a, &b)| a * b).sum();
@@ -134,9 +154,29 @@ pub fn backward<T: Real>(
             ];
             let (one, zero) = (T::one(), T::zero());
             let kh = head(s, k, bi, h, false);
-            gemm_serial(t, dh, t, one, &dense(&ds, t, false), &kh, zero, &mut g[0], dh);
+            gemm_serial(
+                t,
+                dh,
+                t,
+                one,
+                &dense(&ds, t, false),
+                &kh,
+                zero,
+                &mut g[0],
+                dh,
+            );
             let qh = head(s, q, bi, h, false);
-            gemm_serial(t, dh, t, one, &dense(&ds, t, true), &qh, zero, &mut g[1], dh);
+            gemm_serial(
+                t,
+                dh,
+                t,
+                one,
+                &dense(&ds, t, true),
+                &qh,
+                zero,
+                &mut g[1],
+                dh,
+            );
             gemm_serial(t, dh, t, one, &dense(p, t, true), &doh, zero, &mut g[2], dh);
             g
         })
@@ -220,7 +260,8 @@ mod tests {
             q.iter_mut().for_each(|x| *x *= 3.0);
             let r = random(n, 13);
             let (probs, _) = run(&s, &q, &k, &v);
-            let (mut dq, mut dk, mut dv) = (vec![f64::NAN; n], vec![f64::NAN; n], vec![f64::NAN; n]);
+            let (mut dq, mut dk, mut dv) =
+                (vec![f64::NAN; n], vec![f64::NAN; n], vec![f64::NAN; n]);
             backward(&s, &q, &k, &v, &probs, &r, &mut dq, &mut dk, &mut dv);
             let what = format!("attention b{b} t{t} heads{heads} dh{dh}");
             let (k0, v0, q0) = (k.clone(), v.clone(), q.clone());
@@ -244,7 +285,9 @@ mod tests {
         let (p64, o64) = run(&s, &q, &k, &v);
         let mut g64 = vec![vec![0.0; n]; 3];
         {
-            let [dq, dk, dv] = &mut g64[..] else { unreachable!() };
+            let [dq, dk, dv] = &mut g64[..] else {
+                unreachable!()
+            };
             backward(&s, &q, &k, &v, &p64, &r, dq, dk, dv);
         }
         let f = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
@@ -257,7 +300,9 @@ mod tests {
             pool.install(|| {
                 let (p, o) = run(&s, &q32, &k32, &v32);
                 let mut g = vec![vec![0.0f32; n]; 3];
-                let [dq, dk, dv] = &mut g[..] else { unreachable!() };
+                let [dq, dk, dv] = &mut g[..] else {
+                    unreachable!()
+                };
                 backward(&s, &q32, &k32, &v32, &p, &r32, dq, dk, dv);
                 (o, g)
             })

@@ -193,7 +193,14 @@ fn pack_b<T: Real>(b: &Operand<'_, T>, k: usize, n: usize, dst: &mut [T]) {
 
 /// Packs rows `r0..r0 + rows`, depths `k0..k0 + kc` of `op(a)` into row panels of height `MR`:
 /// panel `p` holds `op(a)[r0 + p MR + i, k0 + kk]` at `kk MR + i`, zero-padded.
-fn pack_a<T: Real>(a: &Operand<'_, T>, r0: usize, rows: usize, k0: usize, kc: usize, dst: &mut [T]) {
+fn pack_a<T: Real>(
+    a: &Operand<'_, T>,
+    r0: usize,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    dst: &mut [T],
+) {
     for (p, panel) in dst.chunks_exact_mut(kc * MR).enumerate() {
         let i0 = r0 + p * MR;
         let h = MR.min(r0 + rows - i0);
@@ -396,7 +403,10 @@ mod tests {
         gemm(&g, &a, &b, &mut c);
         for (i, (x, y)) in c.iter().zip(&want).enumerate() {
             let ok = (x - y).abs() <= 1e-12 * (1.0 + y.abs()) || (x.is_nan() && y.is_nan());
-            assert!(ok, "m{m} n{n} k{k} b{batch} ta{ta} tb{tb} at {i}: {x} vs {y}");
+            assert!(
+                ok,
+                "m{m} n{n} k{k} b{batch} ta{ta} tb{tb} at {i}: {x} vs {y}"
+            );
         }
     }
 

@@ -16,7 +16,12 @@ pub fn embed_forward<T: Real>(
     y: &mut [T],
 ) {
     let scale = T::of(scale);
-    let (x, y, pos, plane) = (&x[..b * t * d], &mut y[..b * t * d], &pos[..t * d], &plane[..d]);
+    let (x, y, pos, plane) = (
+        &x[..b * t * d],
+        &mut y[..b * t * d],
+        &pos[..t * d],
+        &plane[..d],
+    );
     for (row, (yr, xr)) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
         let pr = &pos[(row % t) * d..][..d];
         for j in 0..d {
@@ -66,7 +71,10 @@ pub fn gather_rows<T: Real>(d: usize, rows: &[u32], x: &[T], y: &mut [T]) {
 pub fn scatter_add_rows<T: Real>(d: usize, rows: &[u32], dy: &[T], dx: &mut [T]) {
     for (i, &r) in rows.iter().enumerate() {
         let r = r as usize;
-        for (a, &g) in dx[r * d..(r + 1) * d].iter_mut().zip(&dy[i * d..(i + 1) * d]) {
+        for (a, &g) in dx[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(&dy[i * d..(i + 1) * d])
+        {
             *a += g;
         }
     }
@@ -94,10 +102,21 @@ mod tests {
         dplane.iter_mut().for_each(|g| *g -= 0.5);
         let (x0, p0) = (x.clone(), plane.clone());
         check("embed dx", &mut x, &dx, 1000, 1e-7, |x| fwd(x, &p0));
-        check("embed dplane", &mut plane, &dplane, 1000, 1e-7, |p| fwd(&x0, p));
+        check("embed dplane", &mut plane, &dplane, 1000, 1e-7, |p| {
+            fwd(&x0, p)
+        });
         // The position code is added as is.
         let mut y = vec![0.0; b * t * d];
-        embed_forward(b, t, d, scale, &vec![0.0; b * t * d], &pos, &vec![0.0; d], &mut y);
+        embed_forward(
+            b,
+            t,
+            d,
+            scale,
+            &vec![0.0; b * t * d],
+            &pos,
+            &vec![0.0; d],
+            &mut y,
+        );
         assert_eq!(&y[2 * t * d + 3 * d..][..d], &pos[3 * d..4 * d]);
     }
 
