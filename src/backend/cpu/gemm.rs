@@ -39,6 +39,10 @@ impl<T: Real> Operand<'_, T> {
 
 /// `c_i = alpha op(a_i) op(b_i) + beta c_i` for every batch entry (see [`Gemm`]). With
 /// `beta == 0`, `c` is never read, so it may hold NaN or garbage.
+///
+/// Tasks are (entry, row block, column block) tiles of `c`. How `c` is cut does not change
+/// any element's arithmetic (same products, same k order), so the cut may follow the thread
+/// count without changing results.
 pub fn gemm<T: Real>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) {
     if g.batch == 0 || g.m == 0 || g.n == 0 {
         return;
@@ -47,77 +51,125 @@ pub fn gemm<T: Real>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) {
     check_bounds("b", &g.b, g.k, g.n, g.batch, b.len());
     check_bounds("c", &g.c, g.m, g.n, g.batch, c.len());
     let (alpha, beta) = (T::of(g.alpha), T::of(g.beta));
-    let op_a = |i: usize| Operand {
-        data: a,
-        offset: i * g.a.stride,
-        ld: g.a.ld,
-        trans: g.a.trans,
-    };
-    // Every batch entry's b is packed once, then shared by all row blocks of that entry.
+    // Every entry's b is packed once (panels in parallel), then shared by its tiles.
+    let panels = g.n.div_ceil(NR);
     let panel_len = g.k * NR;
-    let packed_len = g.n.div_ceil(NR) * panel_len;
-    let mut packed_b = vec![T::zero(); g.batch * packed_len];
-    if packed_len > 0 {
+    let mut packed_b = vec![T::zero(); g.batch * panels * panel_len];
+    if panel_len > 0 {
         packed_b
-            .par_chunks_mut(packed_len)
+            .par_chunks_mut(panel_len)
             .enumerate()
-            .for_each(|(i, dst)| {
+            .for_each(|(idx, dst)| {
+                let (i, p) = (idx / panels, idx % panels);
                 let op_b = Operand {
                     data: b,
                     offset: i * g.b.stride,
                     ld: g.b.ld,
                     trans: g.b.trans,
                 };
-                pack_b(&op_b, g.k, g.n, dst);
+                pack_b_panel(&op_b, g.k, g.n, p * NR, dst);
             });
     }
-    let packed_of = |i: usize| &packed_b[i * packed_len..(i + 1) * packed_len];
-    let (ldc, sc) = (g.c.ld, g.c.stride);
-    let extent = (g.m - 1) * ldc + g.n;
-    let rows_apart = g.m == 1 || ldc >= g.n;
-    if g.batch == 1 || (rows_apart && sc >= extent) {
-        // Entries one after the other: tasks are (entry, row block).
-        let step = if g.batch == 1 { c.len() } else { sc };
-        c.par_chunks_mut(step.max(1))
-            .take(g.batch)
-            .enumerate()
-            .for_each(|(i, ci)| {
-                ci.par_chunks_mut(MC * ldc)
-                    .enumerate()
-                    .for_each(|(blk, rows)| {
-                        let r0 = blk * MC;
-                        let tile = Tile {
-                            r0,
-                            rows: MC.min(g.m.saturating_sub(r0)),
-                            col0: 0,
-                            ldc,
-                        };
-                        block(g.k, g.n, alpha, beta, &op_a(i), packed_of(i), &tile, rows);
-                    });
-            });
-    } else if rows_apart && sc >= g.n && (g.batch - 1) * sc + g.n <= ldc {
-        // Entries side by side in the same rows (e.g. attention heads): tasks are row blocks,
-        // each covering every entry.
-        c.par_chunks_mut(MC * ldc)
-            .enumerate()
-            .for_each(|(blk, rows)| {
-                let r0 = blk * MC;
-                for i in 0..g.batch {
-                    let tile = Tile {
-                        r0,
-                        rows: MC.min(g.m.saturating_sub(r0)),
-                        col0: i * sc,
-                        ldc,
-                    };
-                    block(g.k, g.n, alpha, beta, &op_a(i), packed_of(i), &tile, rows);
-                }
-            });
-    } else {
-        panic!(
-            "gemm: output layout {:?} overlaps itself for m {} n {} batch {}",
-            g.c, g.m, g.n, g.batch
+    let (mc, nc) = tile_size(g.batch, g.m, g.n);
+    let mut tasks = split_c(g, c, mc, nc);
+    tasks.par_iter_mut().for_each(|task| {
+        let op_a = Operand {
+            data: a,
+            offset: task.entry * g.a.stride,
+            ld: g.a.ld,
+            trans: g.a.trans,
+        };
+        let entry_b = &packed_b[task.entry * panels * panel_len..][..panels * panel_len];
+        let pb = &entry_b[task.j0 / NR * panel_len..][..task.cols.div_ceil(NR) * panel_len];
+        block(
+            g.k,
+            alpha,
+            beta,
+            &op_a,
+            pb,
+            task.r0,
+            task.cols,
+            &mut task.rows,
         );
+    });
+}
+
+/// One task: rows `r0 ..` of entry `entry`, columns `j0 .. j0 + cols` (`j0` a multiple of
+/// `NR`), as one writable slice per row.
+struct Task<'c, T> {
+    entry: usize,
+    r0: usize,
+    j0: usize,
+    cols: usize,
+    rows: Vec<&'c mut [T]>,
+}
+
+/// Tile rows and columns: row blocks of up to `MC`, full width, then narrower column blocks
+/// and shorter row blocks until there are a few tasks per thread (matrices with few rows,
+/// like weight gradients `64 x 1024`, still use every thread).
+fn tile_size(batch: usize, m: usize, n: usize) -> (usize, usize) {
+    let want = 4 * rayon::current_num_threads();
+    let count = |mc: usize, nc: usize| batch * m.div_ceil(mc) * n.div_ceil(nc);
+    let (mut mc, mut nc) = (MC, n.div_ceil(NR) * NR);
+    while count(mc, nc) < want && nc >= 8 * NR {
+        nc = (nc / 2).div_ceil(NR) * NR;
     }
+    while count(mc, nc) < want && mc >= 4 * MR {
+        mc /= 2;
+    }
+    (mc, nc)
+}
+
+/// Cuts `c` into the tasks' row pieces with `split_at_mut`, so every task owns its memory.
+/// Panics when two elements of the output share an address (the layout overlaps itself).
+fn split_c<'c, T>(g: &Gemm, c: &'c mut [T], mc: usize, nc: usize) -> Vec<Task<'c, T>> {
+    let (row_blocks, col_blocks) = (g.m.div_ceil(mc), g.n.div_ceil(nc));
+    let mut tasks: Vec<Task<'c, T>> = (0..g.batch * row_blocks * col_blocks)
+        .map(|idx| {
+            let (entry, rest) = (
+                idx / (row_blocks * col_blocks),
+                idx % (row_blocks * col_blocks),
+            );
+            let (rb, cb) = (rest / col_blocks, rest % col_blocks);
+            Task {
+                entry,
+                r0: rb * mc,
+                j0: cb * nc,
+                cols: nc.min(g.n - cb * nc),
+                rows: Vec::with_capacity(mc),
+            }
+        })
+        .collect();
+    // Rows of all entries in address order (usually already sorted).
+    let mut starts: Vec<(usize, usize, usize)> = (0..g.batch)
+        .flat_map(|i| (0..g.m).map(move |r| (i * g.c.stride + r * g.c.ld, i, r)))
+        .collect();
+    if !starts.is_sorted() {
+        starts.sort_unstable();
+    }
+    let mut rest = c;
+    let mut at = 0;
+    for (start, i, r) in starts {
+        assert!(
+            start >= at,
+            "gemm: output layout {:?} overlaps itself (m {}, n {}, batch {})",
+            g.c,
+            g.m,
+            g.n,
+            g.batch
+        );
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
+        let (mut row, tail) = tail.split_at_mut(g.n);
+        rest = tail;
+        at = start + g.n;
+        let base = (i * row_blocks + r / mc) * col_blocks;
+        for cb in 0..col_blocks {
+            let (piece, more) = row.split_at_mut(nc.min(row.len()));
+            tasks[base + cb].rows.push(piece);
+            row = more;
+        }
+    }
+    tasks
 }
 
 /// Single-threaded `c = alpha op(a) op(b) + beta c` for one `m x n` matrix with rows `ldc`
@@ -138,15 +190,22 @@ pub(crate) fn gemm_serial<T: Real>(
         return;
     }
     let mut packed = vec![T::zero(); n.div_ceil(NR) * k * NR];
-    pack_b(b, k, n, &mut packed);
-    for r0 in (0..m).step_by(MC) {
-        let tile = Tile {
-            r0,
-            rows: MC.min(m - r0),
-            col0: 0,
-            ldc,
-        };
-        block(k, n, alpha, beta, a, &packed, &tile, &mut c[r0 * ldc..]);
+    if k > 0 {
+        for (p, dst) in packed.chunks_exact_mut(k * NR).enumerate() {
+            pack_b_panel(b, k, n, p * NR, dst);
+        }
+    }
+    for (blk, rows) in c.chunks_mut(MC * ldc).enumerate() {
+        let r0 = blk * MC;
+        if r0 >= m {
+            break;
+        }
+        let mut rows: Vec<&mut [T]> = rows
+            .chunks_mut(ldc)
+            .take(MC.min(m - r0))
+            .map(|r| &mut r[..n])
+            .collect();
+        block(k, alpha, beta, a, &packed, r0, n, &mut rows);
     }
 }
 
@@ -162,32 +221,20 @@ fn check_bounds(what: &str, l: &MatLayout, rows: usize, cols: usize, batch: usiz
     );
 }
 
-/// Where a task's rows of `c` sit in the slice it was given: row `r0 + i` of the matrix is at
-/// `i * ldc + col0`.
-struct Tile {
-    r0: usize,
-    rows: usize,
-    col0: usize,
-    ldc: usize,
-}
-
-/// Packs all of `op(b)` (`k x n`) into column panels of width `NR`: panel `p` holds
-/// `op(b)[kk, p NR + j]` at `kk NR + j`, zero-padded past `n`.
-fn pack_b<T: Real>(b: &Operand<'_, T>, k: usize, n: usize, dst: &mut [T]) {
-    for (p, panel) in dst.chunks_exact_mut(k * NR).enumerate() {
-        let j0 = p * NR;
-        let w = NR.min(n - j0);
-        for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
-            if b.trans {
-                for j in 0..w {
-                    row[j] = b.at(kk, j0 + j);
-                }
-            } else {
-                let start = b.offset + kk * b.ld + j0;
-                row[..w].copy_from_slice(&b.data[start..start + w]);
+/// Packs columns `j0 .. j0 + NR` of `op(b)` (`k x n`) into one panel: `op(b)[kk, j0 + j]` at
+/// `kk NR + j`, zero-padded past `n`.
+fn pack_b_panel<T: Real>(b: &Operand<'_, T>, k: usize, n: usize, j0: usize, dst: &mut [T]) {
+    let w = NR.min(n - j0);
+    for (kk, row) in dst[..k * NR].chunks_exact_mut(NR).enumerate() {
+        if b.trans {
+            for j in 0..w {
+                row[j] = b.at(kk, j0 + j);
             }
-            row[w..].fill(T::zero());
+        } else {
+            let start = b.offset + kk * b.ld + j0;
+            row[..w].copy_from_slice(&b.data[start..start + w]);
         }
+        row[w..].fill(T::zero());
     }
 }
 
@@ -213,44 +260,46 @@ fn pack_a<T: Real>(
     }
 }
 
-/// One task's share: rows `tile.r0 ..` of `c` for all `n` columns, k in blocks of `KC`.
+/// One task's share: rows `r0 .. r0 + rows.len()` of `op(a)` times the packed panels of its
+/// `cols` columns, k in blocks of `KC`.
 #[allow(clippy::too_many_arguments)]
 fn block<T: Real>(
     k: usize,
-    n: usize,
     alpha: T,
     beta: T,
     a: &Operand<'_, T>,
     packed_b: &[T],
-    tile: &Tile,
-    c: &mut [T],
+    r0: usize,
+    cols: usize,
+    rows: &mut [&mut [T]],
 ) {
-    if tile.rows == 0 {
+    let m = rows.len();
+    if m == 0 {
         return;
     }
-    let panels_a = tile.rows.div_ceil(MR);
-    let mut packed_a = vec![T::zero(); panels_a * MR * KC.min(k.max(1))];
     if k == 0 {
         // Nothing to multiply: c = beta c (and beta == 0 still clears garbage).
         let zero = [[T::zero(); NR]; MR];
-        for i0 in (0..tile.rows).step_by(MR) {
-            for j0 in (0..n).step_by(NR) {
-                store(&zero, tile, i0, j0, n, alpha, Some(beta), c);
+        for i0 in (0..m).step_by(MR) {
+            for j0 in (0..cols).step_by(NR) {
+                store(&zero, rows, i0, j0, alpha, Some(beta));
             }
         }
         return;
     }
+    let panels_a = m.div_ceil(MR);
+    let mut packed_a = vec![T::zero(); panels_a * MR * KC.min(k)];
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         let pa = &mut packed_a[..panels_a * MR * kc];
-        pack_a(a, tile.r0, tile.rows, k0, kc, pa);
+        pack_a(a, r0, m, k0, kc, pa);
         // The first k block applies beta; later ones add to what is there.
         let beta_now = (k0 == 0).then_some(beta);
         for (pj, panel_b) in packed_b.chunks_exact(k * NR).enumerate() {
             let pb = &panel_b[k0 * NR..(k0 + kc) * NR];
             for (pi, panel_a) in pa.chunks_exact(kc * MR).enumerate() {
                 let acc = micro_kernel(panel_a, pb);
-                store(&acc, tile, pi * MR, pj * NR, n, alpha, beta_now, c);
+                store(&acc, rows, pi * MR, pj * NR, alpha, beta_now);
             }
         }
     }
@@ -295,36 +344,31 @@ fn micro_kernel_generic<T: Real>(a: &[T], b: &[T]) -> [[T; NR]; MR] {
 /// Writes the valid part of a register tile at (row `i0`, column `j0`) of the task's rows:
 /// `c = alpha acc + beta c` on the first k block (`beta` is `Some`; 0 never reads `c`),
 /// `c += alpha acc` after.
-#[allow(clippy::too_many_arguments)]
 #[inline]
 fn store<T: Real>(
     acc: &[[T; NR]; MR],
-    tile: &Tile,
+    rows: &mut [&mut [T]],
     i0: usize,
     j0: usize,
-    n: usize,
     alpha: T,
     beta: Option<T>,
-    c: &mut [T],
 ) {
-    let h = MR.min(tile.rows - i0);
-    let w = NR.min(n - j0);
-    for i in 0..h {
-        let start = (i0 + i) * tile.ldc + tile.col0 + j0;
-        let row = &mut c[start..start + w];
+    for (row, acc_row) in rows[i0..].iter_mut().take(MR).zip(acc) {
+        let w = NR.min(row.len() - j0);
+        let row = &mut row[j0..j0 + w];
         match beta {
             Some(beta) if beta == T::zero() => {
-                for (cv, &x) in row.iter_mut().zip(&acc[i][..w]) {
+                for (cv, &x) in row.iter_mut().zip(&acc_row[..w]) {
                     *cv = alpha * x;
                 }
             }
             Some(beta) => {
-                for (cv, &x) in row.iter_mut().zip(&acc[i][..w]) {
+                for (cv, &x) in row.iter_mut().zip(&acc_row[..w]) {
                     *cv = alpha * x + beta * *cv;
                 }
             }
             None => {
-                for (cv, &x) in row.iter_mut().zip(&acc[i][..w]) {
+                for (cv, &x) in row.iter_mut().zip(&acc_row[..w]) {
                     *cv += alpha * x;
                 }
             }
@@ -502,5 +546,61 @@ mod tests {
         for (x, y) in c1.iter().zip(&c64) {
             assert!((*x as f64 - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
         }
+    }
+
+    #[test]
+    fn few_rows_split_by_columns_give_the_same_bits() {
+        // 8 x 300 is cut into column blocks with 3 threads and not with 1.
+        for (m, n, k) in [(8, 300, 70), (64, 1024, 33)] {
+            let g = Gemm {
+                m,
+                n,
+                k,
+                batch: 1,
+                alpha: 0.75,
+                beta: 0.5,
+                a: layout(true, m, k, 0, 0),
+                b: layout(false, k, n, 0, 0),
+                c: layout(false, m, n, 0, 0),
+            };
+            let f = |x: Vec<f64>| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
+            let (a, b, c0) = (
+                f(random(m * k, 8)),
+                f(random(k * n, 9)),
+                f(random(m * n, 10)),
+            );
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut c = c0.clone();
+                pool.install(|| gemm(&g, &a, &b, &mut c));
+                c
+            };
+            assert_eq!(run(1), run(3));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "overlaps itself")]
+    fn an_overlapping_output_is_refused() {
+        let g = Gemm {
+            m: 2,
+            n: 2,
+            k: 1,
+            batch: 2,
+            alpha: 1.0,
+            beta: 0.0,
+            a: layout(false, 2, 1, 0, 0),
+            b: layout(false, 1, 2, 0, 0),
+            c: MatLayout {
+                trans: false,
+                ld: 2,
+                stride: 1,
+            },
+        };
+        let mut c = vec![0.0f64; 8];
+        gemm(&g, &[1.0; 8], &[1.0; 8], &mut c);
     }
 }
