@@ -126,6 +126,8 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Self::Buf;
     fn upload(&self, host: &[f32]) -> Self::Buf;
     fn download(&self, buf: Self::View<'_>, host: &mut [f32]);
+    /// The first value of `v` (a loss), in the buffer's own precision widened to f64.
+    fn scalar(&self, v: Self::View<'_>) -> f64;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::View<'a>;
     fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'a>;

@@ -16,6 +16,28 @@ pub struct Net {
     pub transformer: TransformerSpec,
 }
 
+impl Net {
+    /// The shapes of a model configuration.
+    pub fn new(cfg: &crate::model::ModelConfig) -> Self {
+        Net {
+            grid: cfg.grid,
+            encoder: EncoderSpec {
+                widths: cfg.widths.clone(),
+                d: cfg.d,
+                eps: cfg.norm_eps,
+            },
+            transformer: TransformerSpec {
+                d: cfg.d,
+                layers: cfg.layers,
+                heads: cfg.heads,
+                head_width: cfg.head_width,
+                ffn: cfg.ffn,
+                eps: cfg.norm_eps,
+            },
+        }
+    }
+}
+
 fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
     be.view(buf, 0..be.len(buf))
 }
@@ -26,9 +48,7 @@ fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
 }
 
 fn scalar<B: Backend>(be: &B, buf: &B::Buf) -> f64 {
-    let mut host = [0.0f32];
-    be.download(be.view(buf, 0..1), &mut host);
-    f64::from(host[0])
+    be.scalar(be.view(buf, 0..1))
 }
 
 /// The slices of plane `plane` of `b` subjects `volumes [b, X, Y, Z]`, uploaded.
