@@ -242,8 +242,14 @@ fn pack_a<T: Real>(
             // Row kk of the stored matrix holds op(a)[i0.., kk]: contiguous.
             for (kk, col) in panel.chunks_exact_mut(MR).enumerate() {
                 let start = a.offset + (k0 + kk) * a.ld + i0;
-                col[..h].copy_from_slice(&a.data[start..start + h]);
-                col[h..].fill(T::zero());
+                if h == MR {
+                    // A fixed length compiles to a vector move instead of a memcpy call.
+                    let src: &[T; MR] = a.data[start..start + MR].try_into().expect("MR values");
+                    col.copy_from_slice(src);
+                } else {
+                    col[..h].copy_from_slice(&a.data[start..start + h]);
+                    col[h..].fill(T::zero());
+                }
             }
         } else {
             // Row i of op(a) is contiguous: read it in order, write every MR-th value.
