@@ -37,19 +37,31 @@ fn values(n: usize) -> Vec<f32> {
 }
 
 fn bench_gemm(name: &str, m: usize, n: usize, k: usize, ta: bool, tb: bool) {
+    bench_batched(name, 1, m, n, k, ta, tb);
+}
+
+/// `batch` products sharing one `a` (a convolution's weight against each slice's im2col
+/// matrix when `batch > 1`).
+fn bench_batched(name: &str, batch: usize, m: usize, n: usize, k: usize, ta: bool, tb: bool) {
+    let mut a_layout = dense(ta, m, k);
+    a_layout.stride = 0;
     let g = Gemm {
         m,
         n,
         k,
-        batch: 1,
+        batch,
         alpha: 1.0,
         beta: 0.0,
-        a: dense(ta, m, k),
+        a: a_layout,
         b: dense(tb, k, n),
         c: dense(false, m, n),
     };
-    let (a, b, mut c) = (values(m * k), values(k * n), vec![0.0f32; m * n]);
-    let flop = 2.0 * (m * n * k) as f64;
+    let (a, b, mut c) = (
+        values(m * k),
+        values(batch * k * n),
+        vec![0.0f32; batch * m * n],
+    );
+    let flop = 2.0 * (batch * m * n * k) as f64;
     let mut line = format!("{name:<44} {m:>5} {n:>5} {k:>5}");
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -138,6 +150,34 @@ fn main() {
     bench_gemm("QKV backward weight dy^T x", 1024, 64, rows, true, false);
     bench_gemm("output backward weight dy^T x", 64, 1024, rows, true, false);
     bench_gemm("square 512", 512, 512, 512, false, false);
+    // Encoder convolutions as im2col GEMMs over a subject's 96 axial 96 x 114 slices.
+    bench_batched(
+        "conv1 7x7 1->16 as GEMM, 96 slices",
+        96,
+        16,
+        48 * 57,
+        49,
+        false,
+        false,
+    );
+    bench_batched(
+        "stage-1 conv3x3 16->16 as GEMM, 96 slices",
+        96,
+        16,
+        24 * 29,
+        144,
+        false,
+        false,
+    );
+    bench_batched(
+        "stage-4 conv3x3 128->128 as GEMM, 96 slices",
+        96,
+        128,
+        3 * 4,
+        1152,
+        false,
+        false,
+    );
     bench_attention("attention per plane (4 subjects x 3 planes)", 12, 114);
     bench_attention("attention joint (4 subjects)", 4, 306);
 }

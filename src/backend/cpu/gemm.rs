@@ -1,6 +1,7 @@
 //! Strided batched GEMM, row-major, the CPU backend's workhorse (linear layers, attention).
-//! Operands are packed into register-tile panels and multiplied by a fixed-size micro-kernel
-//! that LLVM vectorises; rayon splits the output into row blocks, each owned by one task.
+//! rayon splits the output into tiles, each owned by one task; a task packs its rows of `a`
+//! and columns of `b` into register-tile panels, one k block at a time, and multiplies them
+//! with a fixed-size micro-kernel that LLVM vectorises.
 //!
 //! Determinism: every output element is summed by one task over k in increasing order (in
 //! blocks of [`KC`], each block added to `c` in order), whatever the thread count.
@@ -12,29 +13,21 @@ use rayon::prelude::*;
 pub(crate) const MR: usize = 4;
 /// Columns of the register tile: 4 x 16 f32 accumulators fill eight AVX registers.
 pub(crate) const NR: usize = 16;
-/// Rows of `a` packed per task (the packed block stays in L2).
-const MC: usize = 64;
+/// Rows of `a` per task at most (the packed `MC x KC` block stays in L2); each task packs
+/// its own block of `b`, so taller tasks repack `b` less often.
+const MC: usize = 128;
 /// Depth of one k block: an `NR x KC` panel of `b` stays in L1.
 const KC: usize = 256;
+/// Values of `b` one task packs per k block (256 KiB of f32: stays in L2).
+const B_BLOCK: usize = 1 << 16;
 
-/// One read-only operand: `op(x)[r, c]` with the transposition folded into the indexing.
+/// One read-only operand: matrix at `offset`, rows `ld` apart, read transposed when `trans`.
 #[derive(Clone, Copy)]
 pub(crate) struct Operand<'a, T> {
     pub data: &'a [T],
     pub offset: usize,
     pub ld: usize,
     pub trans: bool,
-}
-
-impl<T: Real> Operand<'_, T> {
-    #[inline(always)]
-    fn at(&self, r: usize, c: usize) -> T {
-        if self.trans {
-            self.data[self.offset + c * self.ld + r]
-        } else {
-            self.data[self.offset + r * self.ld + c]
-        }
-    }
 }
 
 /// `c_i = alpha op(a_i) op(b_i) + beta c_i` for every batch entry (see [`Gemm`]). With
@@ -51,46 +44,22 @@ pub fn gemm<T: Real>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) {
     check_bounds("b", &g.b, g.k, g.n, g.batch, b.len());
     check_bounds("c", &g.c, g.m, g.n, g.batch, c.len());
     let (alpha, beta) = (T::of(g.alpha), T::of(g.beta));
-    // Every entry's b is packed once (panels in parallel), then shared by its tiles.
-    let panels = g.n.div_ceil(NR);
-    let panel_len = g.k * NR;
-    let mut packed_b = vec![T::zero(); g.batch * panels * panel_len];
-    if panel_len > 0 {
-        packed_b
-            .par_chunks_mut(panel_len)
-            .enumerate()
-            .for_each(|(idx, dst)| {
-                let (i, p) = (idx / panels, idx % panels);
-                let op_b = Operand {
-                    data: b,
-                    offset: i * g.b.stride,
-                    ld: g.b.ld,
-                    trans: g.b.trans,
-                };
-                pack_b_panel(&op_b, g.k, g.n, p * NR, dst);
-            });
-    }
-    let (mc, nc) = tile_size(g.batch, g.m, g.n);
+    let (mc, nc) = tile_size(g.batch, g.m, g.n, g.k);
     let mut tasks = split_c(g, c, mc, nc);
     tasks.par_iter_mut().for_each(|task| {
-        let op_a = Operand {
-            data: a,
-            offset: task.entry * g.a.stride,
-            ld: g.a.ld,
-            trans: g.a.trans,
+        let operand = |data, l: &MatLayout| Operand {
+            data,
+            offset: task.entry * l.stride,
+            ld: l.ld,
+            trans: l.trans,
         };
-        let entry_b = &packed_b[task.entry * panels * panel_len..][..panels * panel_len];
-        let pb = &entry_b[task.j0 / NR * panel_len..][..task.cols.div_ceil(NR) * panel_len];
-        block(
-            g.k,
-            alpha,
-            beta,
-            &op_a,
-            pb,
-            task.r0,
-            task.cols,
-            &mut task.rows,
-        );
+        let (op_a, op_b) = (operand(a, &g.a), operand(b, &g.b));
+        let tile = Tile {
+            r0: task.r0,
+            j0: task.j0,
+            cols: task.cols,
+        };
+        block(g.k, alpha, beta, &op_a, &op_b, &tile, &mut task.rows);
     });
 }
 
@@ -104,13 +73,15 @@ struct Task<'c, T> {
     rows: Vec<&'c mut [T]>,
 }
 
-/// Tile rows and columns: row blocks of up to `MC`, full width, then narrower column blocks
-/// and shorter row blocks until there are a few tasks per thread (matrices with few rows,
-/// like weight gradients `64 x 1024`, still use every thread).
-fn tile_size(batch: usize, m: usize, n: usize) -> (usize, usize) {
+/// Tile rows and columns: row blocks of up to `MC`, column blocks whose packed `KC x nc`
+/// block of `b` fits L2, then narrower column blocks and shorter row blocks until there are a
+/// few tasks per thread (matrices with few rows, like weight gradients `64 x 1024`, still
+/// use every thread).
+fn tile_size(batch: usize, m: usize, n: usize, k: usize) -> (usize, usize) {
     let want = 4 * rayon::current_num_threads();
     let count = |mc: usize, nc: usize| batch * m.div_ceil(mc) * n.div_ceil(nc);
-    let (mut mc, mut nc) = (MC, n.div_ceil(NR) * NR);
+    let fits_l2 = (B_BLOCK / KC.min(k).max(1) / NR).max(1) * NR;
+    let (mut mc, mut nc) = (MC, n.div_ceil(NR).min(fits_l2 / NR) * NR);
     while count(mc, nc) < want && nc >= 8 * NR {
         nc = (nc / 2).div_ceil(NR) * NR;
     }
@@ -189,24 +160,15 @@ pub(crate) fn gemm_serial<T: Real>(
     if m == 0 || n == 0 {
         return;
     }
-    let mut packed = vec![T::zero(); n.div_ceil(NR) * k * NR];
-    if k > 0 {
-        for (p, dst) in packed.chunks_exact_mut(k * NR).enumerate() {
-            pack_b_panel(b, k, n, p * NR, dst);
-        }
-    }
-    for (blk, rows) in c.chunks_mut(MC * ldc).enumerate() {
-        let r0 = blk * MC;
-        if r0 >= m {
-            break;
-        }
-        let mut rows: Vec<&mut [T]> = rows
-            .chunks_mut(ldc)
-            .take(MC.min(m - r0))
-            .map(|r| &mut r[..n])
-            .collect();
-        block(k, alpha, beta, a, &packed, r0, n, &mut rows);
-    }
+    // One task for the whole matrix: b is packed once per k block for all rows.
+    let mut rows: Vec<&mut [T]> = c.chunks_mut(ldc).take(m).map(|r| &mut r[..n]).collect();
+    assert_eq!(rows.len(), m, "gemm: c is too short for {m} rows");
+    let tile = Tile {
+        r0: 0,
+        j0: 0,
+        cols: n,
+    };
+    block(k, alpha, beta, a, b, &tile, &mut rows);
 }
 
 fn check_bounds(what: &str, l: &MatLayout, rows: usize, cols: usize, batch: usize, len: usize) {
@@ -221,20 +183,45 @@ fn check_bounds(what: &str, l: &MatLayout, rows: usize, cols: usize, batch: usiz
     );
 }
 
-/// Packs columns `j0 .. j0 + NR` of `op(b)` (`k x n`) into one panel: `op(b)[kk, j0 + j]` at
-/// `kk NR + j`, zero-padded past `n`.
-fn pack_b_panel<T: Real>(b: &Operand<'_, T>, k: usize, n: usize, j0: usize, dst: &mut [T]) {
-    let w = NR.min(n - j0);
-    for (kk, row) in dst[..k * NR].chunks_exact_mut(NR).enumerate() {
-        if b.trans {
-            for j in 0..w {
-                row[j] = b.at(kk, j0 + j);
-            }
-        } else {
-            let start = b.offset + kk * b.ld + j0;
-            row[..w].copy_from_slice(&b.data[start..start + w]);
+/// Packs columns `j0 .. j0 + w` (`w <= NR`), depths `k0 .. k0 + kc` of `op(b)` into one
+/// panel: `op(b)[k0 + kk, j0 + j]` at `kk NR + j`, zero-padded to `NR` columns.
+fn pack_b_panel<T: Real>(
+    b: &Operand<'_, T>,
+    k0: usize,
+    kc: usize,
+    j0: usize,
+    w: usize,
+    dst: &mut [T],
+) {
+    let dst = &mut dst[..kc * NR];
+    if b.trans {
+        // Column j of op(b) is a contiguous run of the stored matrix: read it in order and
+        // write every NR-th value (the panel is small and stays in L1).
+        if w < NR {
+            dst.fill(T::zero());
         }
-        row[w..].fill(T::zero());
+        for j in 0..w {
+            let start = b.offset + (j0 + j) * b.ld + k0;
+            for (d, &x) in dst[j..]
+                .iter_mut()
+                .step_by(NR)
+                .zip(&b.data[start..start + kc])
+            {
+                *d = x;
+            }
+        }
+        return;
+    }
+    for (kk, row) in dst.chunks_exact_mut(NR).enumerate() {
+        let start = b.offset + (k0 + kk) * b.ld + j0;
+        if w == NR {
+            // A fixed length compiles to two vector moves instead of a memcpy call.
+            let src: &[T; NR] = b.data[start..start + NR].try_into().expect("NR values");
+            row.copy_from_slice(src);
+        } else {
+            row[..w].copy_from_slice(&b.data[start..start + w]);
+            row[w..].fill(T::zero());
+        }
     }
 }
 
@@ -251,83 +238,147 @@ fn pack_a<T: Real>(
     for (p, panel) in dst.chunks_exact_mut(kc * MR).enumerate() {
         let i0 = r0 + p * MR;
         let h = MR.min(r0 + rows - i0);
-        for (kk, col) in panel.chunks_exact_mut(MR).enumerate() {
-            for i in 0..h {
-                col[i] = a.at(i0 + i, k0 + kk);
+        if a.trans {
+            // Row kk of the stored matrix holds op(a)[i0.., kk]: contiguous.
+            for (kk, col) in panel.chunks_exact_mut(MR).enumerate() {
+                let start = a.offset + (k0 + kk) * a.ld + i0;
+                if h == MR {
+                    // A fixed length compiles to a vector move instead of a memcpy call.
+                    let src: &[T; MR] = a.data[start..start + MR].try_into().expect("MR values");
+                    col.copy_from_slice(src);
+                } else {
+                    col[..h].copy_from_slice(&a.data[start..start + h]);
+                    col[h..].fill(T::zero());
+                }
             }
-            col[h..].fill(T::zero());
+        } else {
+            // Row i of op(a) is contiguous: read it in order, write every MR-th value.
+            if h < MR {
+                panel.fill(T::zero());
+            }
+            for i in 0..h {
+                let start = a.offset + (i0 + i) * a.ld + k0;
+                for (d, &x) in panel[i..]
+                    .iter_mut()
+                    .step_by(MR)
+                    .zip(&a.data[start..start + kc])
+                {
+                    *d = x;
+                }
+            }
         }
     }
 }
 
-/// One task's share: rows `r0 .. r0 + rows.len()` of `op(a)` times the packed panels of its
-/// `cols` columns, k in blocks of `KC`.
-#[allow(clippy::too_many_arguments)]
+/// Where a task's tile of `c` sits: rows from `r0`, columns `j0 .. j0 + cols`.
+struct Tile {
+    r0: usize,
+    j0: usize,
+    cols: usize,
+}
+
+/// One task's share: its rows of `op(a)` times its columns of `op(b)`, k in blocks of `KC`,
+/// both operands packed per k block into buffers the task owns.
 fn block<T: Real>(
     k: usize,
     alpha: T,
     beta: T,
     a: &Operand<'_, T>,
-    packed_b: &[T],
-    r0: usize,
-    cols: usize,
+    b: &Operand<'_, T>,
+    tile: &Tile,
     rows: &mut [&mut [T]],
 ) {
     let m = rows.len();
-    if m == 0 {
+    if m == 0 || tile.cols == 0 {
         return;
     }
     if k == 0 {
         // Nothing to multiply: c = beta c (and beta == 0 still clears garbage).
         let zero = [[T::zero(); NR]; MR];
         for i0 in (0..m).step_by(MR) {
-            for j0 in (0..cols).step_by(NR) {
+            for j0 in (0..tile.cols).step_by(NR) {
                 store(&zero, rows, i0, j0, alpha, Some(beta));
             }
         }
         return;
     }
-    let panels_a = m.div_ceil(MR);
+    let (panels_a, panels_b) = (m.div_ceil(MR), tile.cols.div_ceil(NR));
     let mut packed_a = vec![T::zero(); panels_a * MR * KC.min(k)];
+    let mut packed_b = vec![T::zero(); panels_b * NR * KC.min(k)];
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         let pa = &mut packed_a[..panels_a * MR * kc];
-        pack_a(a, r0, m, k0, kc, pa);
+        pack_a(a, tile.r0, m, k0, kc, pa);
+        let pb = &mut packed_b[..panels_b * NR * kc];
+        for (p, dst) in pb.chunks_exact_mut(kc * NR).enumerate() {
+            let j = p * NR;
+            pack_b_panel(b, k0, kc, tile.j0 + j, NR.min(tile.cols - j), dst);
+        }
         // The first k block applies beta; later ones add to what is there.
         let beta_now = (k0 == 0).then_some(beta);
-        for (pj, panel_b) in packed_b.chunks_exact(k * NR).enumerate() {
-            let pb = &panel_b[k0 * NR..(k0 + kc) * NR];
-            for (pi, panel_a) in pa.chunks_exact(kc * MR).enumerate() {
-                let acc = micro_kernel(panel_a, pb);
-                store(&acc, rows, pi * MR, pj * NR, alpha, beta_now);
-            }
-        }
+        macro_kernel(pa, pb, kc, rows, alpha, beta_now);
     }
 }
 
-/// `acc[i][j] = sum over kk of a[kk MR + i] b[kk NR + j]`, kk in increasing order. Dispatches
-/// to a copy compiled for AVX2 when the processor has it; both copies do the same operations
-/// in the same order (no FMA contraction), so results are identical.
-#[inline]
-fn micro_kernel<T: Real>(a: &[T], b: &[T]) -> [[T; NR]; MR] {
+/// All register tiles of one k block: every `MR`-row panel of `pa` against every `NR`-column
+/// panel of `pb` (`kc` deep), stored into `rows`. Dispatches to a copy
+/// compiled for AVX2 when the processor has it; both copies do the same operations in the
+/// same order (no FMA contraction), so results are identical. The dispatch sits here, not
+/// per tile, so the micro-kernel inlines and its accumulators stay in registers.
+#[allow(clippy::too_many_arguments)]
+fn macro_kernel<T: Real>(
+    pa: &[T],
+    pb: &[T],
+    kc: usize,
+    rows: &mut [&mut [T]],
+    alpha: T,
+    beta: Option<T>,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the processor supports AVX2, checked just above.
-            return unsafe { micro_kernel_avx2(a, b) };
+            return unsafe { macro_kernel_avx2(pa, pb, kc, rows, alpha, beta) };
         }
     }
-    micro_kernel_generic(a, b)
+    macro_kernel_generic(pa, pb, kc, rows, alpha, beta)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn micro_kernel_avx2<T: Real>(a: &[T], b: &[T]) -> [[T; NR]; MR] {
-    micro_kernel_generic(a, b)
+#[allow(clippy::too_many_arguments)]
+fn macro_kernel_avx2<T: Real>(
+    pa: &[T],
+    pb: &[T],
+    kc: usize,
+    rows: &mut [&mut [T]],
+    alpha: T,
+    beta: Option<T>,
+) {
+    macro_kernel_generic(pa, pb, kc, rows, alpha, beta)
 }
 
 #[inline(always)]
-fn micro_kernel_generic<T: Real>(a: &[T], b: &[T]) -> [[T; NR]; MR] {
+#[allow(clippy::too_many_arguments)]
+fn macro_kernel_generic<T: Real>(
+    pa: &[T],
+    pb: &[T],
+    kc: usize,
+    rows: &mut [&mut [T]],
+    alpha: T,
+    beta: Option<T>,
+) {
+    for (pj, panel_b) in pb.chunks_exact(kc * NR).enumerate() {
+        for (pi, panel_a) in pa.chunks_exact(kc * MR).enumerate() {
+            let acc = micro_kernel(panel_a, panel_b);
+            store(&acc, rows, pi * MR, pj * NR, alpha, beta);
+        }
+    }
+}
+
+/// `acc[i][j] = sum over kk of a[kk MR + i] b[kk NR + j]`, kk in increasing order.
+#[inline(always)]
+fn micro_kernel<T: Real>(a: &[T], b: &[T]) -> [[T; NR]; MR] {
     let mut acc = [[T::zero(); NR]; MR];
     for (ak, bk) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
         let ak: &[T; MR] = ak.try_into().expect("MR chunk");
@@ -344,7 +395,7 @@ fn micro_kernel_generic<T: Real>(a: &[T], b: &[T]) -> [[T; NR]; MR] {
 /// Writes the valid part of a register tile at (row `i0`, column `j0`) of the task's rows:
 /// `c = alpha acc + beta c` on the first k block (`beta` is `Some`; 0 never reads `c`),
 /// `c += alpha acc` after.
-#[inline]
+#[inline(always)]
 fn store<T: Real>(
     acc: &[[T; NR]; MR],
     rows: &mut [&mut [T]],
@@ -461,8 +512,9 @@ mod tests {
             (3, 5, 7, 1),
             (4, 16, 8, 2),
             (17, 33, 9, 3),
-            (70, 19, 300, 2), // several row blocks and k blocks
-            (5, 40, 0, 2),    // k = 0: c = beta c
+            (70, 19, 300, 2),  // several k blocks
+            (133, 21, 260, 2), // several row blocks and k blocks
+            (5, 40, 0, 2),     // k = 0: c = beta c
         ];
         for &(m, n, k, batch) in &shapes {
             for ta in [false, true] {

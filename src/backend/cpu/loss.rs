@@ -113,6 +113,22 @@ mod tests {
         });
     }
 
+    #[test]
+    fn mse_f32_agrees_with_f64() {
+        let (pred, target) = (random(576, 7), random(576, 8));
+        let mut d64 = vec![0.0; 576];
+        let l64 = mse(0.25, &pred, &target, &mut d64);
+        let f = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
+        let mut d32 = vec![0.0f32; 576];
+        let l32 = mse(0.25, &f(&pred), &f(&target), &mut d32);
+        assert!((l32 as f64 - l64).abs() < 1e-6 * l64);
+        assert!(
+            d32.iter()
+                .zip(&d64)
+                .all(|(x, y)| (*x as f64 - y).abs() < 1e-8)
+        );
+    }
+
     /// Rows 0-3 random (margin 0.3 leaves some active, some not), row 4 with `n` far away
     /// (inactive), row 5 with `a == p` exactly when `same` (an all-background slice).
     fn triplet_inputs(rows: usize, d: usize, same: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
