@@ -157,6 +157,34 @@ fn im2col_packed<T: Real>(s: &Conv2d, x: &[T], row: &mut [T], packed: &mut [T]) 
     }
 }
 
+/// `f(dense[i], sparse[i S])` for every `i < dense.len()` (`S` known at compile time, so
+/// the loop vectorises; `step_by` with a run-time step does not).
+#[inline(always)]
+fn strided<T, const S: usize>(dense: &mut [T], sparse: &[T], mut f: impl FnMut(&mut T, T))
+where
+    T: Copy,
+{
+    let Some((last, head)) = dense.split_last_mut() else {
+        return;
+    };
+    for (d, c) in head.iter_mut().zip(sparse.chunks_exact(S)) {
+        f(d, c[0]);
+    }
+    f(last, sparse[head.len() * S]);
+}
+
+/// `sparse[i S] += dense[i]` for every `i < dense.len()`: the adjoint of [`strided`].
+#[inline(always)]
+fn strided_add<T: Real, const S: usize>(dense: &[T], sparse: &mut [T]) {
+    let Some((&last, head)) = dense.split_last() else {
+        return;
+    };
+    for (&v, c) in head.iter().zip(sparse.chunks_exact_mut(S)) {
+        c[0] += v;
+    }
+    sparse[head.len() * S] += last;
+}
+
 /// One row of [`im2col`]: tap `(ky, kx)` of one input plane at every output position.
 fn im2col_row<T: Real>(s: &Conv2d, plane: &[T], ky: usize, kx: usize, row: &mut [T]) {
     let (ho, wo) = s.out_hw();
@@ -170,19 +198,16 @@ fn im2col_row<T: Real>(s: &Conv2d, plane: &[T], ky: usize, kx: usize, row: &mut 
         out[ox1..].fill(T::zero());
         let src = &plane[(oy * s.stride + ky - s.pad) * s.w..];
         let first = ox0 * s.stride + kx - s.pad;
-        if s.stride == 1 {
+        let (out, src) = (&mut out[ox0..ox1], &src[first..]);
+        match s.stride {
             // An element loop, not copy_from_slice: rows are a few dozen values and a
             // memcpy call per row costs more than the copy.
-            for (o, v) in out[ox0..ox1].iter_mut().zip(&src[first..]) {
-                *o = *v;
-            }
-        } else {
-            for (o, v) in out[ox0..ox1]
+            1 => out.iter_mut().zip(src).for_each(|(o, v)| *o = *v),
+            2 => strided::<T, 2>(out, src, |o, v| *o = v),
+            _ => out
                 .iter_mut()
-                .zip(src[first..].iter().step_by(s.stride))
-            {
-                *o = *v;
-            }
+                .zip(src.iter().step_by(s.stride))
+                .for_each(|(o, v)| *o = *v),
         }
     }
 }
@@ -204,14 +229,14 @@ fn col2im<T: Real>(s: &Conv2d, col: &[T], dx: &mut [T]) {
                     let src = &row[oy * wo + ox0..oy * wo + ox1];
                     let dst = &mut plane[(oy * s.stride + ky - s.pad) * w..];
                     let first = ox0 * s.stride + kx - s.pad;
-                    if s.stride == 1 {
-                        for (v, d) in src.iter().zip(&mut dst[first..]) {
-                            *d += *v;
-                        }
-                    } else {
-                        for (v, d) in src.iter().zip(dst[first..].iter_mut().step_by(s.stride)) {
-                            *d += *v;
-                        }
+                    let dst = &mut dst[first..];
+                    match s.stride {
+                        1 => src.iter().zip(dst).for_each(|(v, d)| *d += *v),
+                        2 => strided_add::<T, 2>(src, dst),
+                        _ => src
+                            .iter()
+                            .zip(dst.iter_mut().step_by(s.stride))
+                            .for_each(|(v, d)| *d += *v),
                     }
                 }
             }
