@@ -218,3 +218,67 @@ mod tests {
         });
     }
 }
+
+/// Speed of the memory-bound encoder ops at the stem's output (one subject's 306 axial
+/// slices, 16 x 48 x 57): `cargo test --release --lib pool::speed -- --ignored --nocapture`.
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::backend::cpu::norm;
+
+    #[test]
+    #[ignore]
+    fn speed() {
+        let (n, c, h, w) = (306, 16, 48, 57);
+        let len = n * c * h * w;
+        let x: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let (gamma, beta) = (vec![1.1f32; c], vec![0.1f32; c]);
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut y = vec![0f32; len];
+                let (mut m, mut r) = (vec![0f32; n * c], vec![0f32; n * c]);
+                let t = time(&mut || {
+                    norm::instance_forward(n, c, h * w, 1e-5, true, &x, &gamma, &beta, &mut y, &mut m, &mut r)
+                });
+                let mut dx = vec![0f32; len];
+                let (mut dg, mut db) = (vec![0f32; c], vec![0f32; c]);
+                let tb = time(&mut || {
+                    norm::instance_backward(
+                        n, c, h * w, true, &x, &y, &gamma, &m, &r, &x, &mut dx, &mut dg, &mut db,
+                    )
+                });
+                let s = Pool2d { n, c, h, w, k: 3, stride: 2, pad: 1 };
+                let (ho, wo) = s.out_hw();
+                let mut p = vec![0f32; n * c * ho * wo];
+                let tp = time(&mut || max_forward(&s, &y, &mut p));
+                let tpb = time(&mut || max_backward(&s, &y, &p, &p, &mut dx));
+                let gb = |t: f64, bytes: usize| bytes as f64 / t / 1e9;
+                println!(
+                    "{threads} thr  instance fwd {:.1} ms ({:.1} GB/s) bwd {:.1} ms ({:.1} GB/s) | max-pool fwd {:.1} ms bwd {:.1} ms",
+                    t * 1e3,
+                    gb(t, 8 * len),
+                    tb * 1e3,
+                    gb(tb, 16 * len),
+                    tp * 1e3,
+                    tpb * 1e3
+                );
+            });
+        }
+    }
+}
