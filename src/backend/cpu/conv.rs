@@ -1,7 +1,8 @@
 //! 2-D convolution (no bias) on the CPU backend: forward, backward to the input and backward
-//! to the weight, each as im2col + a cache-blocked GEMM of our own, one image per rayon task.
-//! Every output value is summed by one thread in a fixed order; the weight gradient sums
-//! fixed chunks of the batch and then adds the chunks in order, so threads never change bits.
+//! to the weight, as im2col + GEMM kernels of our own (AVX2+FMA for f32, portable otherwise),
+//! one image per rayon task. Every output value is summed by one thread in a fixed order; the
+//! weight gradient sums fixed chunks of the batch and adds the chunks in order, so the thread
+//! count never changes a bit.
 use super::Real;
 use crate::backend::Conv2d;
 use rayon::prelude::*;

@@ -465,4 +465,61 @@ mod tests {
         close(&one.2, &dg, "dgamma");
         close(&one.3, &db, "dbeta");
     }
+
+    #[test]
+    fn layer_norm_f32_matches_f64_and_thread_count_does_not_matter() {
+        let (rows, d) = (300, 64);
+        let x64: Vec<f64> = random(rows * d, 400)
+            .iter()
+            .map(|v| v * 2.0 - 0.3)
+            .collect();
+        let (g64, b64, dy64) = (random(d, 401), random(d, 402), random(rows * d, 403));
+        let to32 = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let (x32, g32, b32, dy32) = (to32(&x64), to32(&g64), to32(&b64), to32(&dy64));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut y = vec![0.0f32; rows * d];
+                let (mut m, mut s) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+                layer_forward(rows, d, 1e-5, &x32, &g32, &b32, &mut y, &mut m, &mut s);
+                let mut dx = vec![0.0f32; rows * d];
+                let (mut dg, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);
+                layer_backward(
+                    rows, d, &x32, &g32, &m, &s, &dy32, &mut dx, &mut dg, &mut db,
+                );
+                (y, dx, dg, db)
+            })
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        let mut y = vec![0.0; rows * d];
+        let (mut m, mut s) = (vec![0.0; rows], vec![0.0; rows]);
+        layer_forward(rows, d, 1e-5, &x64, &g64, &b64, &mut y, &mut m, &mut s);
+        let mut dx = vec![0.0; rows * d];
+        let (mut dg, mut db) = (vec![0.0; d], vec![0.0; d]);
+        layer_backward(
+            rows, d, &x64, &g64, &m, &s, &dy64, &mut dx, &mut dg, &mut db,
+        );
+        for (what, a, b) in [
+            ("y", &one.0, &y),
+            ("dx", &one.1, &dx),
+            ("dgamma", &one.2, &dg),
+            ("dbeta", &one.3, &db),
+        ] {
+            let num: f64 = a
+                .iter()
+                .zip(b.iter())
+                .map(|(&a, b)| (f64::from(a) - b).powi(2))
+                .sum();
+            let den: f64 = b.iter().map(|b| b * b).sum();
+            assert!(
+                (num / den).sqrt() < 1e-5,
+                "{what}: f32 vs f64 {}",
+                (num / den).sqrt()
+            );
+        }
+    }
 }
