@@ -1,16 +1,19 @@
 //! 2-D convolution (no bias) on the CPU backend: forward, backward to the input and backward
-//! to the weight, each as im2col + a cache-blocked GEMM of our own, one image per rayon task.
-//! Every output value is summed by one thread in a fixed order; the weight gradient sums
-//! fixed chunks of the batch and then adds the chunks in order, so threads never change bits.
+//! to the weight, as im2col + GEMM kernels of our own (AVX2+FMA for f32, portable otherwise),
+//! one image per rayon task. Every output value is summed by one thread in a fixed order; the
+//! weight gradient sums fixed chunks of the batch and adds the chunks in order, so the thread
+//! count never changes a bit.
 use super::Real;
 use crate::backend::Conv2d;
 use rayon::prelude::*;
 use std::any::TypeId;
 use std::cell::RefCell;
 
-/// The weight gradient is summed over at most this many fixed chunks of the batch (enough to
-/// keep a few dozen cores busy; each chunk holds one weight-sized partial sum).
-const MAX_WEIGHT_PARTIALS: usize = 32;
+/// The weight gradient sums the batch in this many fixed chunks, one weight-sized partial
+/// sum each: enough tasks for the few threads of a rank, little memory (measured: splitting
+/// the gradient's columns among tasks instead re-reads every image's dY per task and runs
+/// at half the speed).
+const WEIGHT_CHUNKS: usize = 8;
 
 /// Output positions per image from which the weight gradient uses [`dots`] (measured: at
 /// 12 positions the GEMM is 5x faster, from about 180 the dot kernel wins).
@@ -31,6 +34,7 @@ struct Mat<'a, T> {
 struct Scratch<T> {
     col: Vec<T>,
     row: Vec<T>,
+    lhs: Vec<T>,
     gemm: gemm::Packs<T>,
 }
 
@@ -39,6 +43,7 @@ impl<T: Real> Scratch<T> {
         Scratch {
             col: Vec::new(),
             row: Vec::new(),
+            lhs: Vec::new(),
             gemm: gemm::Packs::new(),
         }
     }
@@ -122,18 +127,15 @@ fn valid_outputs(tap: usize, s: &Conv2d, len: usize, outs: usize) -> (usize, usi
     (lo.min(hi), hi)
 }
 
+/// Rows `r0..` (as many as `col` holds) of the column matrix
 /// `col[(ci k + ky) k + kx][oy wo + ox] = x[ci][oy s - p + ky][ox s - p + kx]` (0 outside).
-fn im2col<T: Real>(s: &Conv2d, x: &[T], col: &mut [T]) {
+fn im2col_rows<T: Real>(s: &Conv2d, x: &[T], r0: usize, col: &mut [T]) {
     let (ho, wo) = s.out_hw();
-    let mut rows = col.chunks_exact_mut(ho * wo);
-    for ci in 0..s.cin {
-        let plane = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
-        for ky in 0..s.k {
-            for kx in 0..s.k {
-                let Some(row) = rows.next() else { return };
-                im2col_row(s, plane, ky, kx, row);
-            }
-        }
+    let taps = s.k * s.k;
+    for (i, row) in col.chunks_exact_mut(ho * wo).enumerate() {
+        let r = r0 + i;
+        let (ci, ky, kx) = (r / taps, r % taps / s.k, r % s.k);
+        im2col_row(s, &x[ci * s.h * s.w..(ci + 1) * s.h * s.w], ky, kx, row);
     }
 }
 
@@ -157,7 +159,35 @@ fn im2col_packed<T: Real>(s: &Conv2d, x: &[T], row: &mut [T], packed: &mut [T]) 
     }
 }
 
-/// One row of [`im2col`]: tap `(ky, kx)` of one input plane at every output position.
+/// `f(dense[i], sparse[i S])` for every `i < dense.len()` (`S` known at compile time, so
+/// the loop vectorises; `step_by` with a run-time step does not).
+#[inline(always)]
+fn strided<T, const S: usize>(dense: &mut [T], sparse: &[T], mut f: impl FnMut(&mut T, T))
+where
+    T: Copy,
+{
+    let Some((last, head)) = dense.split_last_mut() else {
+        return;
+    };
+    for (d, c) in head.iter_mut().zip(sparse.chunks_exact(S)) {
+        f(d, c[0]);
+    }
+    f(last, sparse[head.len() * S]);
+}
+
+/// `sparse[i S] += dense[i]` for every `i < dense.len()`: the adjoint of [`strided`].
+#[inline(always)]
+fn strided_add<T: Real, const S: usize>(dense: &[T], sparse: &mut [T]) {
+    let Some((&last, head)) = dense.split_last() else {
+        return;
+    };
+    for (&v, c) in head.iter().zip(sparse.chunks_exact_mut(S)) {
+        c[0] += v;
+    }
+    sparse[head.len() * S] += last;
+}
+
+/// One row of the column matrix: tap `(ky, kx)` of one input plane at every output position.
 fn im2col_row<T: Real>(s: &Conv2d, plane: &[T], ky: usize, kx: usize, row: &mut [T]) {
     let (ho, wo) = s.out_hw();
     let (oy0, oy1) = valid_outputs(ky, s, s.h, ho);
@@ -170,24 +200,21 @@ fn im2col_row<T: Real>(s: &Conv2d, plane: &[T], ky: usize, kx: usize, row: &mut 
         out[ox1..].fill(T::zero());
         let src = &plane[(oy * s.stride + ky - s.pad) * s.w..];
         let first = ox0 * s.stride + kx - s.pad;
-        if s.stride == 1 {
+        let (out, src) = (&mut out[ox0..ox1], &src[first..]);
+        match s.stride {
             // An element loop, not copy_from_slice: rows are a few dozen values and a
             // memcpy call per row costs more than the copy.
-            for (o, v) in out[ox0..ox1].iter_mut().zip(&src[first..]) {
-                *o = *v;
-            }
-        } else {
-            for (o, v) in out[ox0..ox1]
+            1 => out.iter_mut().zip(src).for_each(|(o, v)| *o = *v),
+            2 => strided::<T, 2>(out, src, |o, v| *o = v),
+            _ => out
                 .iter_mut()
-                .zip(src[first..].iter().step_by(s.stride))
-            {
-                *o = *v;
-            }
+                .zip(src.iter().step_by(s.stride))
+                .for_each(|(o, v)| *o = *v),
         }
     }
 }
 
-/// The adjoint of [`im2col`]: `dx = 0`, then each column value is added back to its input.
+/// The adjoint of [`im2col_rows`] over all rows: `dx = 0`, then each column value is added back to its input.
 fn col2im<T: Real>(s: &Conv2d, col: &[T], dx: &mut [T]) {
     let (ho, wo) = s.out_hw();
     let (h, w, k) = (s.h, s.w, s.k);
@@ -204,14 +231,14 @@ fn col2im<T: Real>(s: &Conv2d, col: &[T], dx: &mut [T]) {
                     let src = &row[oy * wo + ox0..oy * wo + ox1];
                     let dst = &mut plane[(oy * s.stride + ky - s.pad) * w..];
                     let first = ox0 * s.stride + kx - s.pad;
-                    if s.stride == 1 {
-                        for (v, d) in src.iter().zip(&mut dst[first..]) {
-                            *d += *v;
-                        }
-                    } else {
-                        for (v, d) in src.iter().zip(dst[first..].iter_mut().step_by(s.stride)) {
-                            *d += *v;
-                        }
+                    let dst = &mut dst[first..];
+                    match s.stride {
+                        1 => src.iter().zip(dst).for_each(|(v, d)| *d += *v),
+                        2 => strided_add::<T, 2>(src, dst),
+                        _ => src
+                            .iter()
+                            .zip(dst.iter_mut().step_by(s.stride))
+                            .for_each(|(v, d)| *d += *v),
                     }
                 }
             }
@@ -264,7 +291,7 @@ pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
                     gemm::Rhs::Packed(&sc.col[..col_len])
                 };
                 y.fill(T::zero());
-                gemm::accumulate(s.cout, p, kk, gemm::Lhs::Packed(&wp), b, y, &mut sc.gemm);
+                gemm::accumulate(s.cout, p, kk, &wp, b, y, &mut sc.gemm);
             })
         });
 }
@@ -301,7 +328,7 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
                     rs: p,
                     cs: 1,
                 });
-                let wt = gemm::Lhs::Packed(&wt);
+                let wt = &wt[..];
                 if is_pointwise(s) {
                     dx.fill(T::zero());
                     gemm::accumulate(kk, p, s.cout, wt, b, dx, &mut sc.gemm);
@@ -316,7 +343,8 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
 }
 
 /// `dw += dy x^T`: per image `dW [cout, cin k k] += dY Col^T`, summed over fixed chunks of
-/// the batch, and the chunks' sums added to `dw` in chunk order.
+/// the batch (each chunk's images in order), and the chunks' sums added to `dw` in chunk
+/// order: the same bits whatever the thread count.
 pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
     check_shapes(s, x.len(), dw.len(), dy.len(), "conv backward_weight");
     let (ho, wo) = s.out_hw();
@@ -324,10 +352,14 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
     if s.n == 0 || p == 0 || dw.is_empty() {
         return;
     }
-    let per_chunk = s.n.div_ceil(MAX_WEIGHT_PARTIALS);
+    let per_chunk = s.n.div_ceil(WEIGHT_CHUNKS);
     let chunks = s.n.div_ceil(per_chunk);
     let (x_img, y_img) = (s.cin * s.h * s.w, s.cout * p);
     let col_len = if is_pointwise(s) { 0 } else { kk * p };
+    // Both operands run along the output positions, the sum's index: a dot-product kernel
+    // reads them in place where a GEMM would transpose both, but its lane sums cost too
+    // much on short rows (deep, small maps).
+    let use_dots = p >= DOTS_MIN_POSITIONS;
     let partials: Vec<Vec<T>> = (0..chunks)
         .into_par_iter()
         .map(|chunk| {
@@ -339,34 +371,24 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
                     let cols = if is_pointwise(s) {
                         x
                     } else {
-                        im2col(s, x, &mut sc.col[..col_len]);
+                        im2col_rows(s, x, 0, &mut sc.col[..col_len]);
                         &sc.col[..col_len]
                     };
-                    // Both operands run along the output positions, the sum's index: a
-                    // dot-product kernel reads them in place where a GEMM would transpose both,
-                    // but its lane sums cost too much on short rows (deep, small maps).
-                    if p >= DOTS_MIN_POSITIONS {
+                    if use_dots {
                         dots::accumulate(s.cout, kk, p, dy, cols, &mut part);
                     } else {
-                        let a = Mat {
+                        let dy = Mat {
                             data: dy,
                             rs: p,
                             cs: 1,
                         };
+                        gemm::pack_lhs_into(s.cout, p, dy, &mut sc.lhs);
                         let b = gemm::Rhs::Strided(Mat {
                             data: cols,
                             rs: 1,
                             cs: p,
                         });
-                        gemm::accumulate(
-                            s.cout,
-                            kk,
-                            p,
-                            gemm::Lhs::Strided(a),
-                            b,
-                            &mut part,
-                            &mut sc.gemm,
-                        );
+                        gemm::accumulate(s.cout, kk, p, &sc.lhs, b, &mut part, &mut sc.gemm);
                     }
                 }
             });
@@ -530,18 +552,16 @@ mod gemm {
     const MC: usize = 128;
     const NC: usize = 1024;
 
-    /// Packing buffers, kept by the caller so repeated GEMMs do not allocate.
+    /// The packing buffer of the right operand, kept by the caller so repeated GEMMs do
+    /// not allocate. (The left operand is packed once by [`pack_lhs`]: it is the weight or
+    /// one image's output gradient, used by many GEMMs.)
     pub struct Packs<T> {
-        a: Vec<T>,
         b: Vec<T>,
     }
 
     impl<T: Real> Packs<T> {
         pub fn new() -> Self {
-            Packs {
-                a: Vec::new(),
-                b: Vec::new(),
-            }
+            Packs { b: Vec::new() }
         }
     }
 
@@ -625,14 +645,6 @@ mod gemm {
         }
     }
 
-    /// The left operand: read through strides and packed block by block, or packed once
-    /// up front by [`pack_lhs`] (the weight, shared by every image of a batch).
-    #[derive(Clone, Copy)]
-    pub enum Lhs<'a, T> {
-        Strided(Mat<'a, T>),
-        Packed(&'a [T]),
-    }
-
     /// Casts a slice to the same type behind another name.
     ///
     /// # Safety
@@ -646,13 +658,21 @@ mod gemm {
     /// `A [m, k]` packed for [`accumulate`]: per block of `KC` summed indices, every `MR`-row
     /// panel in turn (rows zero-padded to a multiple of `MR`).
     pub fn pack_lhs<T: Real>(m: usize, k: usize, a: Mat<T>) -> Vec<T> {
+        let mut out = Vec::new();
+        pack_lhs_into(m, k, a, &mut out);
+        out
+    }
+
+    /// [`pack_lhs`] into a buffer kept by the caller (grown as needed).
+    pub fn pack_lhs_into<T: Real>(m: usize, k: usize, a: Mat<T>, out: &mut Vec<T>) {
         let mpad = m.div_ceil(MR) * MR;
-        let mut out = vec![T::zero(); mpad * k];
+        if out.len() < mpad * k {
+            out.resize(mpad * k, T::zero());
+        }
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
             pack_a(a, 0, m, p0, kc, &mut out[p0 * mpad..]);
         }
-        out
     }
 
     /// The right operand: read through strides and packed block by block, or already in
@@ -690,18 +710,16 @@ mod gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: Lhs<T>,
+        a: &[T],
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
     ) {
         assert!(c.len() >= m * n, "gemm: C too short");
-        if let Lhs::Packed(a) = a {
-            assert!(
-                a.len() >= m.div_ceil(MR) * MR * k,
-                "gemm: packed A too short"
-            );
-        }
+        assert!(
+            a.len() >= m.div_ceil(MR) * MR * k,
+            "gemm: packed A too short"
+        );
         #[cfg(target_arch = "x86_64")]
         {
             let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
@@ -709,14 +727,7 @@ mod gemm {
                 // SAFETY: T is f32 (checked above), so these are casts to the same type.
                 let (a, b, c, packs) = unsafe {
                     (
-                        match a {
-                            Lhs::Strided(a) => Lhs::Strided(Mat {
-                                data: same(a.data),
-                                rs: a.rs,
-                                cs: a.cs,
-                            }),
-                            Lhs::Packed(a) => Lhs::Packed(same(a)),
-                        },
+                        same(a),
                         match b {
                             Rhs::Strided(b) => Rhs::Strided(Mat {
                                 data: same(b.data),
@@ -748,7 +759,7 @@ mod gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: Lhs<f32>,
+        a: &[f32],
         b: Rhs<f32>,
         c: &mut [f32],
         packs: &mut Packs<f32>,
@@ -763,7 +774,7 @@ mod gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: Lhs<T>,
+        a: &[T],
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
@@ -836,23 +847,16 @@ mod gemm {
         m: usize,
         n: usize,
         k: usize,
-        a: Lhs<T>,
+        a: &[T],
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
     ) {
         let kc_max = KC.min(k);
-        let a_len = match a {
-            Lhs::Strided(_) => MC.min(m).div_ceil(MR) * MR * kc_max,
-            Lhs::Packed(_) => 0,
-        };
         let b_len = match b {
             Rhs::Strided(_) => NC.min(n).div_ceil(NR) * NR * kc_max,
             Rhs::Packed(_) => 0,
         };
-        if packs.a.len() < a_len {
-            packs.a.resize(a_len, T::zero());
-        }
         if packs.b.len() < b_len {
             packs.b.resize(b_len, T::zero());
         }
@@ -870,13 +874,7 @@ mod gemm {
                 };
                 for i0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - i0);
-                    let a_block: &[T] = match a {
-                        Lhs::Strided(a) => {
-                            pack_a(a, i0, mc, p0, kc, &mut packs.a);
-                            &packs.a
-                        }
-                        Lhs::Packed(a) => &a[p0 * m.div_ceil(MR) * MR + i0 * kc..],
-                    };
+                    let a_block = &a[p0 * m.div_ceil(MR) * MR + i0 * kc..];
                     for (jp, bp) in b_block
                         .chunks_exact(kc * NR)
                         .take(nc.div_ceil(NR))
@@ -1018,6 +1016,8 @@ mod tests {
         gradient_case(shape(3, 4, 9, 11, 5, 1, 2, 0), 1020); // 1x1 s2 on odd sizes
         gradient_case(shape(2, 3, 9, 7, 5, 3, 2, 1), 1030); // k3 s2 p1, odd sizes
         gradient_case(shape(2, 3, 5, 6, 2, 1, 1, 0), 1040); // pointwise: no im2col
+        gradient_case(shape(2, 5, 9, 8, 3, 1, 1, 0), 1045); // pointwise, dot-product dW
+        gradient_case(shape(2, 2, 16, 10, 3, 3, 1, 1), 1046); // k3, dot-product dW
         gradient_case(shape(1, 2, 2, 2, 3, 3, 2, 1), 1050); // 2x2 map, window beyond both edges
     }
 

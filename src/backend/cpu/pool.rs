@@ -26,31 +26,77 @@ fn check_shapes(s: &Pool2d, x_len: usize, y_len: usize, what: &str) -> (usize, u
     (ho, wo)
 }
 
+/// `cols[ox]` = the max of input row `x` over window `ox`'s columns. Windows wholly inside
+/// the row take a loop of compile-time length `K` (the stem's 3), unrolled; edge windows
+/// (and `K = 0`: any size) go through the general loop.
+#[inline(always)]
+fn row_max<T: Real, const K: usize>(s: &Pool2d, x: &[T], cols: &mut [T]) {
+    let w = x.len();
+    let general = |ox: usize| {
+        let (x0, x1) = window(ox, s.k, s.stride, s.pad, w);
+        let mut best = x[x0];
+        for &v in &x[x0 + 1..x1] {
+            if v > best {
+                best = v;
+            }
+        }
+        best
+    };
+    let wo = cols.len();
+    // Interior windows: ox * stride >= pad and ox * stride - pad + k <= w.
+    let lo = s.pad.div_ceil(s.stride).min(wo);
+    let hi = if K == 0 || w + s.pad < K {
+        lo
+    } else {
+        ((w + s.pad - K) / s.stride + 1).clamp(lo, wo)
+    };
+    for ox in (0..lo).chain(hi..wo) {
+        cols[ox] = general(ox);
+    }
+    for (ox, c) in cols[lo..hi].iter_mut().enumerate() {
+        let x0 = (lo + ox) * s.stride - s.pad;
+        let win: &[T; K] = x[x0..x0 + K].try_into().expect("window inside the row");
+        let mut best = win[0];
+        for &v in &win[1..] {
+            best = if v > best { v } else { best };
+        }
+        *c = best;
+    }
+}
+
 pub fn max_forward<T: Real>(s: &Pool2d, x: &[T], y: &mut [T]) {
     let (ho, wo) = check_shapes(s, x.len(), y.len(), "max_forward");
     let (h, w) = (s.h, s.w);
     if ho * wo == 0 {
         return;
     }
+    // Separable: the max over each window's columns for every input row, then over its
+    // rows, whole output rows at a time (which vectorises): 2k comparisons, not k^2.
     y.par_chunks_mut(ho * wo)
         .zip(x.par_chunks(h * w))
-        .for_each(|(y, x)| {
-            for oy in 0..ho {
-                let (y0, y1) = window(oy, s.k, s.stride, s.pad, h);
-                for ox in 0..wo {
-                    let (x0, x1) = window(ox, s.k, s.stride, s.pad, w);
-                    let mut best = x[y0 * w + x0];
-                    for iy in y0..y1 {
-                        for &v in &x[iy * w + x0..iy * w + x1] {
-                            if v > best {
-                                best = v;
+        .for_each_init(
+            || vec![T::zero(); h * wo],
+            |cols, (y, x)| {
+                for (x, cols) in x.chunks_exact(w).zip(cols.chunks_exact_mut(wo)) {
+                    match s.k {
+                        2 => row_max::<T, 2>(s, x, cols),
+                        3 => row_max::<T, 3>(s, x, cols),
+                        _ => row_max::<T, 0>(s, x, cols),
+                    }
+                }
+                for (oy, y) in y.chunks_exact_mut(wo).enumerate() {
+                    let (y0, y1) = window(oy, s.k, s.stride, s.pad, h);
+                    y.copy_from_slice(&cols[y0 * wo..(y0 + 1) * wo]);
+                    for row in cols[(y0 + 1) * wo..y1 * wo].chunks_exact(wo) {
+                        for (y, &v) in y.iter_mut().zip(row) {
+                            if v > *y {
+                                *y = v;
                             }
                         }
                     }
-                    y[oy * wo + ox] = best;
                 }
-            }
-        });
+            },
+        );
 }
 
 pub fn max_backward<T: Real>(s: &Pool2d, x: &[T], y: &[T], dy: &[T], dx: &mut [T]) {
@@ -216,5 +262,69 @@ mod tests {
             avg_forward(n, c, hw, x, &mut y);
             dot(&y, &r)
         });
+    }
+}
+
+/// Speed of the memory-bound encoder ops at the stem's output (one subject's 306 axial
+/// slices, 16 x 48 x 57): `cargo test --release --lib pool::speed -- --ignored --nocapture`.
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::backend::cpu::norm;
+
+    #[test]
+    #[ignore]
+    fn speed() {
+        let (n, c, h, w) = (306, 16, 48, 57);
+        let len = n * c * h * w;
+        let x: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let (gamma, beta) = (vec![1.1f32; c], vec![0.1f32; c]);
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut y = vec![0f32; len];
+                let (mut m, mut r) = (vec![0f32; n * c], vec![0f32; n * c]);
+                let t = time(&mut || {
+                    norm::instance_forward(n, c, h * w, 1e-5, true, &x, &gamma, &beta, &mut y, &mut m, &mut r)
+                });
+                let mut dx = vec![0f32; len];
+                let (mut dg, mut db) = (vec![0f32; c], vec![0f32; c]);
+                let tb = time(&mut || {
+                    norm::instance_backward(
+                        n, c, h * w, true, &x, &y, &gamma, &m, &r, &x, &mut dx, &mut dg, &mut db,
+                    )
+                });
+                let s = Pool2d { n, c, h, w, k: 3, stride: 2, pad: 1 };
+                let (ho, wo) = s.out_hw();
+                let mut p = vec![0f32; n * c * ho * wo];
+                let tp = time(&mut || max_forward(&s, &y, &mut p));
+                let tpb = time(&mut || max_backward(&s, &y, &p, &p, &mut dx));
+                let gb = |t: f64, bytes: usize| bytes as f64 / t / 1e9;
+                println!(
+                    "{threads} thr  instance fwd {:.1} ms ({:.1} GB/s) bwd {:.1} ms ({:.1} GB/s) | max-pool fwd {:.1} ms bwd {:.1} ms",
+                    t * 1e3,
+                    gb(t, 8 * len),
+                    tb * 1e3,
+                    gb(tb, 16 * len),
+                    tp * 1e3,
+                    tpb * 1e3
+                );
+            });
+        }
     }
 }
