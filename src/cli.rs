@@ -29,6 +29,7 @@ pub enum Command {
     Synth(SynthArgs),
     Pack(PackArgs),
     Inspect(InspectArgs),
+    Pretrain(PretrainArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +159,71 @@ pub struct InspectArgs {
     pub png: Option<PathBuf>,
 }
 
+/// Pretrain the Medical Transformer on a corpus: triplet (encoder) then MEVP (transformer).
+#[derive(Args, Debug, Clone)]
+#[command(
+    long_about = "Pretrain the Medical Transformer on a packed corpus, on the CPU. Stage 1 \
+(triplet) trains the slice encoder: anchor = a subject's slices, positive = the same slices after \
+a random monotone intensity curve, negative = the paired subject's slices. Stage 2 (MEVP) freezes \
+the encoder and trains the transformer to predict masked slice vectors. Settings come from \
+--config (TOML; unknown keys are an error) with the options below overriding it; the effective \
+configuration is printed and saved as RUN_DIR/config.toml. RUN_DIR receives metrics.jsonl (one \
+JSON object per step), ckpt-stepNNNNNNNN.h5 (the last few), best.h5 (best validation loss of the \
+last stage) and final.h5. Every random draw is keyed by (seed, epoch, subject, purpose), so \
+--resume continues exactly where a run stopped.",
+    after_help = "Examples:\n  mtx-hpc pretrain --corpus data/healthy.h5 --out runs/r1 --preset paper --epochs 50\n  \
+mtx-hpc pretrain --corpus tiny.h5 --out runs/t --preset tiny --steps 20 --batch 2\n  \
+mtx-hpc pretrain --corpus data/healthy.h5 --out runs/r1 --resume auto\n  \
+mtx-hpc pretrain --corpus data/healthy.h5 --out runs/r2 --stage mevp --init-encoder runs/r1/best.h5"
+)]
+pub struct PretrainArgs {
+    /// The corpus to train on (from `mtx-hpc pack`; its grid must match the preset).
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// Run folder (created if missing; its parent must exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Run configuration (TOML); options below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model size: paper (96x114x96, 2 mm), small (64x76x64, 3 mm), tiny (32x38x32, 6 mm).
+    #[arg(long, value_enum)]
+    pub preset: Option<crate::model::Preset>,
+    /// Which stages to run.
+    #[arg(long, value_enum)]
+    pub stage: Option<crate::train::Stages>,
+    /// Steps per stage (overrides --epochs; step numbers continue across stages).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Epochs per stage (an epoch is floor(training subjects / batch) steps).
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Global batch in subjects (even: the triplet pairs subjects).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Learning rate of every stage this run performs.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of every random draw.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where to compute (only cpu for now).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+    pub device: String,
+    /// Continue from the newest complete checkpoint in RUN_DIR (auto) or from a file.
+    #[arg(long)]
+    pub resume: Option<String>,
+    /// Start from the encoder of another run's checkpoint.
+    #[arg(long)]
+    pub init_encoder: Option<PathBuf>,
+    /// Reuse a run folder that holds another run (its checkpoints may be replaced).
+    #[arg(long)]
+    pub force: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
 fn parse_grid(s: &str) -> Result<[usize; 3], String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     let bad = || format!("expected three positive integers X,Y,Z (like 96,114,96), got '{s}'");
@@ -181,6 +247,7 @@ pub fn main() -> ExitCode {
         Command::Synth(a) => crate::data::synth::run(a),
         Command::Pack(a) => crate::data::pack::run(a),
         Command::Inspect(a) => crate::data::inspect::run(a),
+        Command::Pretrain(a) => crate::train::pretrain::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -62,11 +62,13 @@ pub struct Trainer<'a, B: Backend> {
     pub val: Vec<usize>,
     /// Stop after this many steps of this process (tests of resume); None runs to the end.
     pub stop_after: Option<u64>,
+    /// Make this global step's loss NaN (tests of the non-finite stop).
+    pub poison_step: Option<u64>,
     pub quiet: bool,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
-    fn steps_per_epoch(&self) -> u64 {
+    pub fn steps_per_epoch(&self) -> u64 {
         (self.train.len() / self.cfg.batch) as u64
     }
 
@@ -125,11 +127,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     fn lr(&self, stage: Stage, epoch: u64) -> f64 {
-        let base = match stage {
-            Stage::Triplet => self.cfg.lr_triplet,
-            Stage::Mevp => self.cfg.lr_mevp,
-        };
-        base * self.cfg.lr_decay.powi(epoch as i32)
+        self.cfg.lr(stage) * self.cfg.lr_decay.powi(epoch as i32)
     }
 
     fn part(stage: Stage) -> Part {
@@ -360,7 +358,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 let t1 = Instant::now();
                 self.be
                     .fill(self.be.view_mut(&mut state.grads, part.clone()), 0.0);
-                let loss = self.batch_loss(
+                let mut loss = self.batch_loss(
                     stage,
                     &state.params,
                     Some(&mut state.grads),
@@ -370,6 +368,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     "mask",
                     consts.as_ref(),
                 );
+                if self.poison_step == Some(state.step + 1) {
+                    loss = f64::NAN;
+                }
                 let g = self.be.view(&state.grads, part.clone());
                 let norm = self.be.sum_squares(g).sqrt();
                 if !loss.is_finite() || !norm.is_finite() {
@@ -491,4 +492,159 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         Ok(())
     }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// `mtx-hpc pretrain`: configuration, run folder, resume, then the loop.
+pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
+    if let Some(t) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+            .context("cannot set up the worker threads")?;
+    }
+    let mut cfg = match &args.config {
+        Some(p) => RunConfig::load(p)?,
+        None => RunConfig::default(),
+    };
+    if let Some(p) = args.preset {
+        cfg.preset = p;
+    }
+    if let Some(s) = args.stage {
+        cfg.stage = s;
+    }
+    if args.steps.is_some() {
+        cfg.steps = args.steps;
+    }
+    if let Some(e) = args.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(b) = args.batch {
+        cfg.batch = b;
+    }
+    if let Some(lr) = args.lr {
+        cfg.lr_triplet = lr;
+        cfg.lr_mevp = lr;
+    }
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    cfg.validate()?;
+    if cfg.dropout != 0.0 || cfg.joint_sequence || cfg.trainable_encoder_in_mevp {
+        bail!(
+            "dropout, joint_sequence and trainable_encoder_in_mevp are not implemented yet: \
+             leave them at their defaults (0, false, false)"
+        );
+    }
+    let corpus = Corpus::open(&args.corpus)?;
+    let model = cfg.model_config();
+    model
+        .check_grid(corpus.grid(), corpus.spacing())
+        .with_context(|| format!("{}", args.corpus.display()))?;
+
+    let out = &args.out;
+    if !out.exists() {
+        std::fs::create_dir(out).with_context(|| {
+            format!(
+                "{}: cannot create the run folder (does its parent exist?)",
+                out.display()
+            )
+        })?;
+    }
+    let holds_run = out.join("config.toml").exists() || checkpoint::latest_complete(out)?.is_some();
+    if holds_run && args.resume.is_none() && !args.force {
+        bail!(
+            "{}: holds another run (config.toml or checkpoints): use --resume auto to continue \
+             it, --force to start over in it, or another --out",
+            out.display()
+        );
+    }
+    let layout = Layout::new(&model);
+    let trainer = Trainer {
+        be: &crate::backend::cpu::Cpu,
+        net: Net::new(&model),
+        corpus_checksum: crate::io::file_checksum(&args.corpus)?,
+        train: corpus.train_indices(),
+        val: corpus.val_indices(),
+        corpus: &corpus,
+        out: out.clone(),
+        layout,
+        model,
+        cfg,
+        // Test hooks, documented in docs/CLI.md's pretrain section: stop as if killed after
+        // N steps; poison the loss of step N.
+        stop_after: env_u64("MTX_TEST_STOP_AFTER"),
+        poison_step: env_u64("MTX_TEST_NAN_AT_STEP"),
+        quiet: false,
+    };
+    if trainer.train.len() < trainer.cfg.batch {
+        bail!(
+            "{}: the batch ({}) is larger than the training set ({} subjects)",
+            args.corpus.display(),
+            trainer.cfg.batch,
+            trainer.train.len()
+        );
+    }
+    let resume_from = match args.resume.as_deref() {
+        None => None,
+        Some("auto") => checkpoint::latest_complete(out)?,
+        Some(file) => Some(PathBuf::from(file)),
+    };
+    let mut state = match &resume_from {
+        Some(path) => {
+            let ckpt = Checkpoint::read(path)?;
+            if ckpt.meta.corpus_checksum != trainer.corpus_checksum {
+                bail!(
+                    "{}: was trained on another corpus than {} (checksums differ)",
+                    path.display(),
+                    args.corpus.display()
+                );
+            }
+            println!("resuming from {} (step {})", path.display(), ckpt.meta.step);
+            trainer.resume_state(&ckpt)?
+        }
+        None => {
+            if args.resume.is_some() {
+                println!(
+                    "no complete checkpoint in {}: starting from scratch",
+                    out.display()
+                );
+            }
+            trainer.fresh_state()
+        }
+    };
+    if let Some(path) = &args.init_encoder {
+        if resume_from.is_some() {
+            bail!("--init-encoder and --resume exclude each other");
+        }
+        let ckpt = Checkpoint::read(path)?;
+        ckpt.check_layout(&trainer.layout)?;
+        let theirs = ckpt.read_params(&trainer.layout)?;
+        let enc = trainer.layout.part_range(Part::Encoder);
+        let mut ours = vec![0.0f32; trainer.layout.total()];
+        trainer.be.download(&state.params, &mut ours);
+        ours[enc.clone()].copy_from_slice(&theirs[enc]);
+        state.params = trainer.be.upload(&ours);
+        println!("encoder from {}", path.display());
+    }
+    println!("{}", trainer.cfg.table()?);
+    println!(
+        "corpus {}: {} training, {} validation subjects; {} steps per epoch; {} steps per stage",
+        args.corpus.display(),
+        trainer.train.len(),
+        trainer.val.len(),
+        trainer.steps_per_epoch(),
+        trainer.stage_steps()
+    );
+    trainer.cfg.save(&out.join("config.toml"))?;
+    trainer.run(&mut state)?;
+    println!(
+        "done: step {}; checkpoints in {}",
+        state.step,
+        out.display()
+    );
+    Ok(())
 }

@@ -1,0 +1,260 @@
+//! `mtx-hpc pretrain` through the binary on a tiny corpus: exact resume (within a stage and
+//! across the triplet -> MEVP boundary), and each bad input ending with a clear error.
+mod common;
+
+use common::mtx;
+use mtx_hpc::model::Layout;
+use mtx_hpc::train::Checkpoint;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+
+/// A tiny-preset corpus of 10 synthetic subjects (8 train, 2 validation), made once.
+fn corpus() -> &'static Path {
+    static C: OnceLock<PathBuf> = OnceLock::new();
+    C.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mtx-pretrain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let synth = dir.join("h");
+        let out = mtx(&[
+            "synth",
+            "--cohort",
+            "healthy",
+            "--subjects",
+            "10",
+            "--out",
+            synth.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let corpus = dir.join("tiny.h5");
+        let manifest = synth.join("manifest.csv");
+        let out = mtx(&[
+            "pack",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--out",
+            corpus.to_str().unwrap(),
+            "--grid",
+            "32,38,32",
+            "--spacing",
+            "6",
+            "--val-fraction",
+            "0.2",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        corpus
+    })
+}
+
+fn run_dir(name: &str) -> PathBuf {
+    let d = corpus().parent().unwrap().join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn pretrain(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mtx-hpc"));
+    cmd.args([
+        "pretrain",
+        "--corpus",
+        corpus().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    cmd.args(["--preset", "tiny"]);
+    if !extra.contains(&"--batch") {
+        cmd.args(["--batch", "2"]);
+    }
+    cmd.args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run mtx-hpc")
+}
+
+fn ok(o: &Output) -> String {
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    text
+}
+
+fn fails(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks '{n}':\n{err}");
+    }
+}
+
+/// Losses of metrics.jsonl, without the timings (which differ run to run).
+fn losses(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!(
+                "{} {} {} {} {} {:?}",
+                v["step"],
+                v["stage"],
+                v["loss"],
+                v["lr"],
+                v["grad_norm"],
+                v.get("val_loss")
+            )
+        })
+        .collect()
+}
+
+fn final_state(dir: &Path) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let ckpt = Checkpoint::read(&dir.join("final.h5")).unwrap();
+    let layout = Layout::new(&ckpt.meta.model);
+    let params = ckpt.read_params(&layout).unwrap();
+    let (m, v) = ckpt.read_moments(&layout).unwrap().unwrap();
+    (params, m, v)
+}
+
+#[test]
+fn resumed_runs_are_bit_identical_to_uninterrupted_ones() {
+    let cfg = corpus().parent().unwrap().join("every-step.toml");
+    std::fs::write(&cfg, "checkpoint_every = 1\nkeep_last = 2\n").unwrap();
+    let args = ["--steps", "5", "--config", cfg.to_str().unwrap()];
+    let straight = run_dir("straight");
+    ok(&pretrain(&straight, &args, &[]));
+    // Killed in the triplet stage (after 3 steps), then killed again in MEVP (after 4 more
+    // steps, crossing the boundary at step 5), then run to the end.
+    let resumed = run_dir("resumed");
+    ok(&pretrain(&resumed, &args, &[("MTX_TEST_STOP_AFTER", "3")]));
+    let text = ok(&pretrain(
+        &resumed,
+        &[&args[..], &["--resume", "auto"]].concat(),
+        &[("MTX_TEST_STOP_AFTER", "4")],
+    ));
+    assert!(text.contains("resuming from"), "{text}");
+    ok(&pretrain(
+        &resumed,
+        &[&args[..], &["--resume", "auto"]].concat(),
+        &[],
+    ));
+    assert_eq!(losses(&straight), losses(&resumed));
+    assert_eq!(losses(&straight).len(), 10);
+    let (a, b) = (final_state(&straight), final_state(&resumed));
+    assert!(a.0 == b.0, "parameters differ");
+    assert!(a.1 == b.1 && a.2 == b.2, "Adam moments differ");
+}
+
+#[test]
+fn bad_settings_are_clear_errors() {
+    let dir = run_dir("bad");
+    fails(&pretrain(&dir, &["--batch", "3"], &[]), &["even"]);
+    fails(&pretrain(&dir, &["--lr", "0"], &[]), &["lr"]);
+    fails(
+        &pretrain(&dir, &["--batch", "20"], &[]),
+        &["larger than the training set"],
+    );
+    let cfg = corpus().parent().unwrap().join("typo.toml");
+    std::fs::write(&cfg, "bacth = 4\n").unwrap();
+    fails(
+        &pretrain(&dir, &["--config", cfg.to_str().unwrap()], &[]),
+        &["typo.toml", "bacth"],
+    );
+    // The tiny corpus does not fit the paper preset.
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mtx-hpc"));
+    let o = cmd
+        .args([
+            "pretrain",
+            "--corpus",
+            corpus().to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+            "--preset",
+            "paper",
+        ])
+        .output()
+        .unwrap();
+    fails(&o, &["tiny.h5", "32"]);
+}
+
+#[test]
+fn a_run_folder_is_not_reused_by_accident_and_checkpoints_must_fit() {
+    let dir = run_dir("reuse");
+    ok(&pretrain(
+        &dir,
+        &["--steps", "1", "--stage", "triplet"],
+        &[],
+    ));
+    fails(
+        &pretrain(&dir, &["--steps", "1", "--stage", "triplet"], &[]),
+        &["holds another run", "--resume"],
+    );
+    ok(&pretrain(
+        &dir,
+        &["--steps", "1", "--stage", "triplet", "--force"],
+        &[],
+    ));
+    // A checkpoint of another preset, to --resume and --init-encoder.
+    let ckpt = dir.join("final.h5");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtx-hpc"))
+        .args([
+            "pretrain",
+            "--corpus",
+            corpus().to_str().unwrap(),
+            "--out",
+            run_dir("other").to_str().unwrap(),
+        ])
+        .args([
+            "--preset",
+            "tiny",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--init-encoder",
+            ckpt.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    let broken = corpus().parent().unwrap().join("not-a-checkpoint.h5");
+    std::fs::write(&broken, b"garbage").unwrap();
+    fails(
+        &pretrain(&run_dir("x"), &["--resume", broken.to_str().unwrap()], &[]),
+        &["not-a-checkpoint.h5"],
+    );
+    fails(
+        &pretrain(
+            &run_dir("y"),
+            &["--init-encoder", broken.to_str().unwrap()],
+            &[],
+        ),
+        &["not-a-checkpoint.h5"],
+    );
+}
+
+#[test]
+fn a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
+    let dir = run_dir("nan");
+    let cfg = corpus().parent().unwrap().join("every-step-nan.toml");
+    std::fs::write(&cfg, "checkpoint_every = 1\n").unwrap();
+    let o = pretrain(
+        &dir,
+        &["--steps", "4", "--config", cfg.to_str().unwrap()],
+        &[("MTX_TEST_NAN_AT_STEP", "3")],
+    );
+    fails(&o, &["step 3", "ckpt-step00000002.h5"]);
+    let c = Checkpoint::read(&dir.join("ckpt-step00000002.h5")).unwrap();
+    assert_eq!(c.meta.step, 2);
+    assert!(!dir.join("ckpt-step00000003.h5").exists());
+}
