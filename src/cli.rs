@@ -174,7 +174,9 @@ last stage) and final.h5. Every random draw is keyed by (seed, epoch, subject, p
     after_help = "Examples:\n  mtx-hpc pretrain --corpus data/healthy.h5 --out runs/r1 --preset paper --epochs 50\n  \
 mtx-hpc pretrain --corpus tiny.h5 --out runs/t --preset tiny --steps 20 --batch 2\n  \
 mtx-hpc pretrain --corpus data/healthy.h5 --out runs/r1 --resume auto\n  \
-mtx-hpc pretrain --corpus data/healthy.h5 --out runs/r2 --stage mevp --init-encoder runs/r1/best.h5"
+mtx-hpc pretrain --corpus data/healthy.h5 --out runs/r2 --stage mevp --init-encoder runs/r1/best.h5\n\n\
+Test hooks (environment, for the test suite): MTX_TEST_STOP_AFTER=N stops as if killed after N \
+steps; MTX_TEST_NAN_AT_STEP=N makes step N's loss NaN."
 )]
 pub struct PretrainArgs {
     /// The corpus to train on (from `mtx-hpc pack`; its grid must match the preset).

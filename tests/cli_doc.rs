@@ -6,7 +6,13 @@ mod common;
 fn cli_doc_matches_help_of_every_subcommand() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CLI.md"))
         .expect("docs/CLI.md");
-    for sub in [vec![], vec!["synth"], vec!["pack"], vec!["inspect"]] {
+    for sub in [
+        vec![],
+        vec!["synth"],
+        vec!["pack"],
+        vec!["inspect"],
+        vec!["pretrain"],
+    ] {
         let mut args = sub.clone();
         args.push("--help");
         let out = common::mtx(&args);

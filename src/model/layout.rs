@@ -280,6 +280,16 @@ impl<'a> IntoIterator for &'a Layout {
     }
 }
 
+impl crate::model::params::ParamIndex for Layout {
+    fn range_of(&self, name: &str) -> Range<usize> {
+        match self.get(name) {
+            Some(e) => e.range(),
+            // Names come from the model code and the layout built from the same config.
+            None => panic!("layout has no tensor '{name}' (model code and layout disagree)"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,15 +456,5 @@ mod tests {
             [64, 1024]
         );
         assert!(l.get("encoder.s1.b1.down.conv").is_none());
-    }
-}
-
-impl crate::model::params::ParamIndex for Layout {
-    fn range_of(&self, name: &str) -> Range<usize> {
-        match self.get(name) {
-            Some(e) => e.range(),
-            // Names come from the model code and the layout built from the same config.
-            None => panic!("layout has no tensor '{name}' (model code and layout disagree)"),
-        }
     }
 }

@@ -32,6 +32,9 @@ pub struct State<B: Backend> {
     pub stale_epochs: u64,
 }
 
+/// Position codes and [MASK] vectors per plane, fixed while the encoder is frozen.
+type MevpConsts<B> = ([<B as Backend>::Buf; 3], [<B as Backend>::Buf; 3]);
+
 /// One line of metrics.jsonl.
 #[derive(serde::Serialize)]
 struct Metrics<'a> {
@@ -180,7 +183,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// Position codes and [MASK] vectors per plane (fixed while the encoder is frozen).
-    fn mevp_constants(&self, params: &B::Buf) -> ([B::Buf; 3], [B::Buf; 3]) {
+    fn mevp_constants(&self, params: &B::Buf) -> MevpConsts<B> {
         let pos = Plane::ALL.map(|p| {
             let (n, _, _) = p.geometry(self.model.grid);
             self.be
@@ -202,7 +205,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         volumes: &[f32],
         epoch_key: u64,
         purpose: &str,
-        consts: Option<&([B::Buf; 3], [B::Buf; 3])>,
+        consts: Option<&MevpConsts<B>>,
     ) -> f64 {
         let b = subjects.len();
         match stage {
@@ -246,7 +249,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         &self,
         stage: Stage,
         params: &B::Buf,
-        consts: Option<&([B::Buf; 3], [B::Buf; 3])>,
+        consts: Option<&MevpConsts<B>>,
     ) -> Result<Option<f64>> {
         // Triplet batches pair subjects: use an even number of validation subjects.
         let usable = match stage {
