@@ -258,3 +258,56 @@ fn a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint() {
     assert_eq!(c.meta.step, 2);
     assert!(!dir.join("ckpt-step00000003.h5").exists());
 }
+
+#[test]
+fn cached_mevp_targets_change_nothing() {
+    // 8 training subjects at batch 2: 4 steps per epoch, so epochs 2 and 3 read the cache.
+    let args = |cfg: &Path| -> Vec<String> {
+        [
+            "--stage",
+            "mevp",
+            "--steps",
+            "12",
+            "--config",
+            cfg.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let on = corpus().parent().unwrap().join("cache-on.toml");
+    let off = corpus().parent().unwrap().join("cache-off.toml");
+    std::fs::write(&on, "cache_targets = true\n").unwrap();
+    std::fs::write(&off, "cache_targets = false\n").unwrap();
+    let (a, b) = (run_dir("cache-on"), run_dir("cache-off"));
+    let a_args = args(&on);
+    let b_args = args(&off);
+    ok(&pretrain(
+        &a,
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+    ));
+    ok(&pretrain(
+        &b,
+        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+    ));
+    assert_eq!(losses(&a), losses(&b));
+    assert!(
+        final_state(&a) == final_state(&b),
+        "cached and uncached runs differ"
+    );
+    let compute = |dir: &Path, epoch: u64| -> f64 {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["epoch"] == epoch)
+            .map(|v| v["compute_s"].as_f64().unwrap())
+            .sum()
+    };
+    eprintln!(
+        "MEVP compute s in epoch 2: cached {:.3}, uncached {:.3}",
+        compute(&a, 2),
+        compute(&b, 2)
+    );
+}

@@ -85,6 +85,9 @@ pub struct RunConfig {
     pub margin: f64,
     /// Fraction of each plane's slice positions masked by MEVP (floored per plane).
     pub mask_fraction: f64,
+    /// Keep each subject's encoder vectors in memory during MEVP: the encoder is frozen, so
+    /// they never change and later epochs skip the encoder (bit-identical results).
+    pub cache_targets: bool,
 }
 
 impl Default for RunConfig {
@@ -113,6 +116,7 @@ impl Default for RunConfig {
             trainable_encoder_in_mevp: model.trainable_encoder_in_mevp,
             margin: 1.0,
             mask_fraction: 0.1,
+            cache_targets: true,
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct Trainer<'a, B: Backend> {
     /// Make this global step's loss NaN (tests of the non-finite stop).
     pub poison_step: Option<u64>,
     pub quiet: bool,
+    /// MEVP targets per subject and plane (see [`Trainer::targets`]); emptied at each stage.
+    pub cache: std::cell::RefCell<std::collections::HashMap<usize, [Vec<f32>; 3]>>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -225,9 +227,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             Stage::Mevp => {
                 let (pos, tokens) = consts.expect("MEVP needs its constants");
-                let targets = Plane::ALL.map(|p| {
-                    objective::encode_plane(self.be, &self.net, params, &self.layout, p, volumes, b)
-                });
+                let targets = self.targets(params, subjects, volumes);
                 let masks = self.masks(subjects, epoch_key, purpose);
                 objective::mevp(
                     self.be,
@@ -242,6 +242,45 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 )
             }
         }
+    }
+
+    /// MEVP targets of a batch: the encoder's vectors per plane, from the cache when every
+    /// subject is in it (the encoder is frozen during MEVP, so they never change).
+    fn targets(&self, params: &B::Buf, subjects: &[usize], volumes: &[f32]) -> [B::Buf; 3] {
+        let d = self.model.d;
+        if self.cfg.cache_targets {
+            let cache = self.cache.borrow();
+            if subjects.iter().all(|s| cache.contains_key(s)) {
+                return Plane::ALL.map(|p| {
+                    let host: Vec<f32> = subjects
+                        .iter()
+                        .flat_map(|s| cache[s][p.index()].iter().copied())
+                        .collect();
+                    self.be.upload(&host)
+                });
+            }
+        }
+        let b = subjects.len();
+        let targets = Plane::ALL.map(|p| {
+            objective::encode_plane(self.be, &self.net, params, &self.layout, p, volumes, b)
+        });
+        if self.cfg.cache_targets {
+            let mut cache = self.cache.borrow_mut();
+            let hosts = targets.each_ref().map(|t| {
+                let mut h = vec![0.0f32; self.be.len(t)];
+                self.be.download(self.be.view(t, 0..h.len()), &mut h);
+                h
+            });
+            for (k, &s) in subjects.iter().enumerate() {
+                cache.entry(s).or_insert_with(|| {
+                    Plane::ALL.map(|p| {
+                        let per = p.geometry(self.model.grid).0 * d;
+                        hosts[p.index()][k * per..(k + 1) * per].to_vec()
+                    })
+                });
+            }
+        }
+        targets
     }
 
     /// Mean loss over the validation subjects (fixed masks and curves, so epochs compare).
@@ -340,6 +379,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             let part = self.layout.part_range(Self::part(stage));
             let consts = (stage == Stage::Mevp).then(|| self.mevp_constants(&state.params));
+            self.cache.borrow_mut().clear();
             while state.step < end {
                 if self.stop_after.is_some_and(|k| done_here >= k) {
                     return Ok(());
@@ -385,7 +425,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         last.map_or("none".to_string(), |p| p.display().to_string())
                     );
                 }
-                if norm > self.cfg.clip {
+                // clip 0 turns clipping off (train/config.rs).
+                if self.cfg.clip > 0.0 && norm > self.cfg.clip {
                     self.be.scale(
                         (self.cfg.clip / norm) as f32,
                         self.be.view_mut(&mut state.grads, part.clone()),
@@ -462,7 +503,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         self.save(&self.out.join("best.h5"), stage, state)?;
                     } else {
                         state.stale_epochs += 1;
-                        stop = state.stale_epochs >= self.cfg.patience;
+                        // patience 0 never stops early (train/config.rs).
+                        stop = self.cfg.patience > 0 && state.stale_epochs >= self.cfg.patience;
                     }
                 }
                 if state.step % self.cfg.checkpoint_every == 0 || state.step == end || stop {
@@ -582,6 +624,7 @@ pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
         stop_after: env_u64("MTX_TEST_STOP_AFTER"),
         poison_step: env_u64("MTX_TEST_NAN_AT_STEP"),
         quiet: false,
+        cache: Default::default(),
     };
     if trainer.train.len() < trainer.cfg.batch {
         bail!(

@@ -1,0 +1,245 @@
+//! Does pretraining learn? On a small synthetic corpus at the tiny preset (PAPER.md's
+//! criteria, issue 3): after MEVP, the validation loss is at least 20% below the loss of
+//! predicting each masked position by the training-set mean vector of that position; after
+//! triplet training, the nearest of a batch's positives to each validation anchor is its own
+//! in at least 80% of cases (chance: 1 / batch).
+mod common;
+
+use common::mtx;
+use mtx_hpc::backend::Backend;
+use mtx_hpc::backend::cpu::Cpu;
+use mtx_hpc::data::corpus::Corpus;
+use mtx_hpc::model::augment::Curve;
+use mtx_hpc::model::objective::{self, Masks, Net};
+use mtx_hpc::model::{Layout, Plane, init};
+use mtx_hpc::rng;
+use mtx_hpc::train::Checkpoint;
+use std::path::PathBuf;
+
+fn volumes(c: &Corpus, subjects: &[usize]) -> Vec<f32> {
+    let (mut raw, mut vol, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    for &s in subjects {
+        c.read_volume(s, &mut raw, &mut vol).unwrap();
+        out.extend_from_slice(&vol);
+    }
+    out
+}
+
+/// Fraction of validation anchors whose nearest positive (among the batch's positives of the
+/// same plane and slice position) is their own.
+fn triplet_accuracy(
+    net: &Net,
+    layout: &Layout,
+    params: &Vec<f32>,
+    c: &Corpus,
+    val: &[usize],
+) -> f64 {
+    let be = Cpu;
+    let b = val.len();
+    let per: usize = net.grid.iter().product();
+    let anchors = volumes(c, val);
+    let mut positives = anchors.clone();
+    for k in 0..b {
+        Curve::random(&mut rng::keyed(99, &[k as u64], "eval-bezier"))
+            .apply(&mut positives[k * per..(k + 1) * per]);
+    }
+    let (mut right, mut total) = (0usize, 0usize);
+    for plane in Plane::ALL {
+        let (n, _, _) = plane.geometry(net.grid);
+        let a = objective::encode_plane(&be, net, params, layout, plane, &anchors, b);
+        let p = objective::encode_plane(&be, net, params, layout, plane, &positives, b);
+        let d = net.encoder.d;
+        let dist =
+            |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(u, v)| (u - v) * (u - v)).sum::<f32>();
+        for s in 0..b {
+            for i in 0..n {
+                let row = |k: usize| (k * n + i) * d..(k * n + i + 1) * d;
+                let own = &a[row(s)];
+                let best = (0..b)
+                    .min_by(|&x, &y| dist(own, &p[row(x)]).total_cmp(&dist(own, &p[row(y)])))
+                    .unwrap();
+                right += usize::from(best == s);
+                total += 1;
+            }
+        }
+    }
+    right as f64 / total as f64
+}
+
+/// (model loss, baseline loss) of MEVP on the validation subjects.
+fn mevp_vs_position_means(
+    net: &Net,
+    layout: &Layout,
+    params: &Vec<f32>,
+    c: &Corpus,
+    train: &[usize],
+    val: &[usize],
+    grid: [usize; 3],
+    pos_base: f64,
+) -> (f64, f64) {
+    let be = Cpu;
+    let d = net.transformer.d;
+    let val_vols = volumes(c, val);
+    let masks: Vec<Masks> = val
+        .iter()
+        .map(|&s| {
+            Plane::ALL.map(|pl| {
+                let (n, _, _) = pl.geometry(grid);
+                rng::choose(
+                    &mut rng::keyed(5, &[s as u64], pl.name()),
+                    n,
+                    (n as f64 * 0.1) as usize,
+                )
+            })
+        })
+        .collect();
+    let targets = Plane::ALL
+        .map(|pl| objective::encode_plane(&be, net, params, layout, pl, &val_vols, val.len()));
+    let tokens = Plane::ALL.map(|pl| objective::mask_token(&be, net, params, layout, pl));
+    let pos = Plane::ALL.map(|pl| init::positions(pl.geometry(grid).0, d, pos_base));
+    let model = objective::mevp(
+        &be, net, params, None, layout, &targets, &tokens, &pos, &masks,
+    );
+    let mut baseline = 0.0;
+    for pl in Plane::ALL {
+        let (n, _, _) = pl.geometry(grid);
+        let mut mean = vec![0.0f64; n * d];
+        for chunk in train.chunks(8) {
+            let v = objective::encode_plane(
+                &be,
+                net,
+                params,
+                layout,
+                pl,
+                &volumes(c, chunk),
+                chunk.len(),
+            );
+            for (k, x) in v.iter().enumerate() {
+                mean[k % (n * d)] += f64::from(*x) / train.len() as f64;
+            }
+        }
+        let (mut sum, mut count) = (0.0, 0usize);
+        for (s, m) in masks.iter().enumerate() {
+            for &i in &m[pl.index()] {
+                for j in 0..d {
+                    let t = f64::from(targets[pl.index()][(s * n + i as usize) * d + j]);
+                    sum += (mean[i as usize * d + j] - t).powi(2);
+                    count += 1;
+                }
+            }
+        }
+        baseline += sum / count as f64;
+    }
+    (model, baseline)
+}
+
+fn corpus_and_run() -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("mtx-learning-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let synth = dir.join("h");
+    let o = mtx(&[
+        "synth",
+        "--cohort",
+        "healthy",
+        "--subjects",
+        "40",
+        "--seed",
+        "5",
+        "--out",
+        synth.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let corpus = dir.join("tiny.h5");
+    let manifest = synth.join("manifest.csv");
+    let o = mtx(&[
+        "pack",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--out",
+        corpus.to_str().unwrap(),
+        "--grid",
+        "32,38,32",
+        "--spacing",
+        "6",
+        "--val-fraction",
+        "0.2",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The triplet stage, then MEVP from its encoder for longer: MEVP steps are ~10x cheaper.
+    let stage = |name: &str, toml: &str, extra: &[&str]| {
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, toml).unwrap();
+        let run = dir.join(name);
+        let mut args = vec![
+            "pretrain",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ];
+        args.extend([
+            "--preset",
+            "tiny",
+            "--batch",
+            "4",
+            "--stage",
+            name,
+            "--config",
+            cfg.to_str().unwrap(),
+        ]);
+        args.extend(extra);
+        let o = mtx(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        run
+    };
+    let triplet = stage(
+        "triplet",
+        "lr_triplet = 1e-3\nepochs = 12\npatience = 0\n",
+        &[],
+    );
+    let encoder = triplet.join("final.h5");
+    let mevp_cfg = std::env::var("MTX_LEARN_MEVP")
+        .unwrap_or_else(|_| "lr_mevp = 2e-3\nepochs = 60\npatience = 0\n".into());
+    let run = stage(
+        "mevp",
+        &mevp_cfg,
+        &["--init-encoder", encoder.to_str().unwrap()],
+    );
+    (corpus, run)
+}
+
+// Measured 2026-11-25: triplet top-1 0.803 (passes), MEVP 0.272 vs baseline 0.228 (ratio
+// 1.19: fails the 0.8 goal). Kept runnable (`cargo test --test learning -- --ignored`) until
+// MEVP learns more than the position means: issue 3 stays open on this point.
+#[test]
+#[ignore = "MEVP does not beat the position-mean baseline yet (ratio 1.19); run with --ignored"]
+fn pretraining_learns_both_objectives() {
+    let (corpus_path, run) = corpus_and_run();
+    let c = Corpus::open(&corpus_path).unwrap();
+    let ckpt = Checkpoint::read(&run.join("final.h5")).unwrap();
+    let layout = Layout::new(&ckpt.meta.model);
+    let net = Net::new(&ckpt.meta.model);
+    let params = ckpt.read_params(&layout).unwrap();
+    let (train, val) = (c.train_indices(), c.val_indices());
+    let acc = triplet_accuracy(&net, &layout, &params, &c, &val);
+    let (model, baseline) = mevp_vs_position_means(
+        &net,
+        &layout,
+        &params,
+        &c,
+        &train,
+        &val,
+        ckpt.meta.model.grid,
+        ckpt.meta.model.pos_base,
+    );
+    eprintln!(
+        "triplet top-1 among {} positives: {acc:.3}; MEVP val {model:.4} vs position-mean baseline {baseline:.4} (ratio {:.3})",
+        val.len(),
+        model / baseline
+    );
+    assert!(acc >= 0.8, "triplet accuracy {acc}");
+    assert!(
+        model <= 0.8 * baseline,
+        "MEVP {model} vs baseline {baseline}"
+    );
+}
