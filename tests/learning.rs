@@ -6,7 +6,6 @@
 mod common;
 
 use common::mtx;
-use mtx_hpc::backend::Backend;
 use mtx_hpc::backend::cpu::Cpu;
 use mtx_hpc::data::corpus::Corpus;
 use mtx_hpc::model::augment::Curve;
