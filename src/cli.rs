@@ -30,6 +30,37 @@ pub enum Command {
     Pack(PackArgs),
     Inspect(InspectArgs),
     Pretrain(PretrainArgs),
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Benchmarks for docs/PERFORMANCE.md (timings belong there, not in tests).
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    Step(BenchStepArgs),
+}
+
+/// Time optimizer steps of one stage on random volumes (no corpus needed).
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "Examples:\n  mtx-hpc bench step --preset paper --batch 4 --stage mevp --threads 2\n  \
+mtx-hpc bench step --preset paper --batch 4 --stage triplet --threads 1"
+)]
+pub struct BenchStepArgs {
+    #[arg(long, value_enum, default_value_t = crate::model::Preset::Paper)]
+    pub preset: crate::model::Preset,
+    /// Subjects per step (even).
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// triplet (encoder forward + backward) or mevp (frozen encoder, targets not cached).
+    #[arg(long, default_value = "mevp", value_parser = ["triplet", "mevp"])]
+    pub stage: String,
+    /// Timed steps after one warm-up step.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,6 +281,7 @@ pub fn main() -> ExitCode {
         Command::Pack(a) => crate::data::pack::run(a),
         Command::Inspect(a) => crate::data::inspect::run(a),
         Command::Pretrain(a) => crate::train::pretrain::run(a),
+        Command::Bench(BenchCommand::Step(a)) => crate::train::bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

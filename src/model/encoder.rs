@@ -424,3 +424,57 @@ pub fn backward<B: Backend>(
         false,
     );
 }
+
+/// Multiply-adds x 2 of one forward pass over one `h x w` slice (convolutions and the final
+/// linear layer; norms and pooling are not counted), following the shapes of [`forward`].
+pub fn forward_flops(spec: &EncoderSpec, h: usize, w: usize) -> f64 {
+    let conv_flops = |c: &Conv2d| {
+        let (ho, wo) = c.out_hw();
+        2.0 * (c.cout * c.cin * c.k * c.k * ho * wo) as f64
+    };
+    let stem = Conv2d {
+        n: 1,
+        cin: 1,
+        h,
+        w,
+        cout: spec.widths[0],
+        k: 7,
+        stride: 2,
+        pad: 3,
+    };
+    let mut total = conv_flops(&stem);
+    let (sh, sw) = stem.out_hw();
+    let pool = Pool2d {
+        n: 1,
+        c: spec.widths[0],
+        h: sh,
+        w: sw,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let (mut c, (mut hh, mut ww)) = (spec.widths[0], pool.out_hw());
+    for (s, &width) in spec.widths.iter().enumerate() {
+        for b in 0..2 {
+            let stride = if s > 0 && b == 0 { 2 } else { 1 };
+            let conv = |cin, h, w, k, stride, pad| Conv2d {
+                n: 1,
+                cin,
+                h,
+                w,
+                cout: width,
+                k,
+                stride,
+                pad,
+            };
+            let c1 = conv(c, hh, ww, 3, stride, 1);
+            let (oh, ow) = c1.out_hw();
+            total += conv_flops(&c1) + conv_flops(&conv(width, oh, ow, 3, 1, 1));
+            if stride != 1 || c != width {
+                total += conv_flops(&conv(c, hh, ww, 1, stride, 0));
+            }
+            (c, hh, ww) = (width, oh, ow);
+        }
+    }
+    total + 2.0 * (c * spec.d) as f64
+}

@@ -1,5 +1,6 @@
 //! Pretraining: the run configuration (TOML with defaults from PAPER.md), the HDF5
 //! checkpoint format with its run-folder policy (last K, best, final), and the loop.
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod pretrain;

@@ -1,0 +1,180 @@
+//! `mtx-hpc bench step`: the time of one optimizer step of a stage on random volumes (no
+//! corpus needed), with throughput, achieved GFLOP/s and peak memory, for docs/PERFORMANCE.md.
+use crate::backend::cpu::Cpu;
+use crate::backend::{Adam, Backend};
+use crate::model::augment::Curve;
+use crate::model::encoder;
+use crate::model::objective::{self, Masks, Net};
+use crate::model::{Layout, ModelConfig, Part, Plane, init};
+use crate::rng;
+use anyhow::{Result, bail};
+use std::time::Instant;
+
+/// Random smooth volumes in [0, 1]: real variation for the norms, no ties for max-pool.
+fn volumes(grid: [usize; 3], b: usize) -> Vec<f32> {
+    let mut r = rng::keyed(0, &[], "bench-volumes");
+    let [x, y, z] = grid;
+    let mut out = Vec::with_capacity(b * x * y * z);
+    for s in 0..b {
+        for i in 0..x {
+            for j in 0..y {
+                for k in 0..z {
+                    let v = ((i as f32 * 0.21 + s as f32).sin() * (j as f32 * 0.13).cos()
+                        + (k as f32 * 0.17).sin())
+                        * 0.2
+                        + 0.5
+                        + 0.05 * rng::unit(&mut r) as f32;
+                    out.push(v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
+    if let Some(t) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()?;
+    }
+    if args.batch == 0 || args.batch % 2 == 1 {
+        bail!(
+            "--batch must be positive and even (the triplet pairs subjects), got {}",
+            args.batch
+        );
+    }
+    let cfg = ModelConfig::preset(args.preset);
+    let layout = Layout::new(&cfg);
+    let net = Net::new(&cfg);
+    let be = Cpu;
+    let b = args.batch;
+    let mut params = init::init_params(&layout, 0);
+    let (mut m, mut v) = (vec![0.0f32; layout.total()], vec![0.0f32; layout.total()]);
+    let mut grads = vec![0.0f32; layout.total()];
+    let anchors = volumes(cfg.grid, b);
+    let per: usize = cfg.grid.iter().product();
+    let mut positives = anchors.clone();
+    for k in 0..b {
+        Curve::random(&mut rng::keyed(0, &[k as u64], "bezier"))
+            .apply(&mut positives[k * per..(k + 1) * per]);
+    }
+    let triplet = args.stage == "triplet";
+    let part = layout.part_range(if triplet {
+        Part::Encoder
+    } else {
+        Part::Transformer
+    });
+    let pos = Plane::ALL.map(|p| init::positions(p.geometry(cfg.grid).0, cfg.d, cfg.pos_base));
+    let tokens = Plane::ALL.map(|p| objective::mask_token(&be, &net, &params, &layout, p));
+    let masks: Vec<Masks> = (0..b as u64)
+        .map(|k| {
+            let counts = cfg.masked_per_plane(0.1);
+            Plane::ALL.map(|p| {
+                rng::choose(
+                    &mut rng::keyed(0, &[k], p.name()),
+                    p.geometry(cfg.grid).0,
+                    counts[p.index()],
+                )
+            })
+        })
+        .collect();
+    let slices = cfg.slices_per_subject();
+    let fwd_flops: f64 = Plane::ALL
+        .iter()
+        .map(|p| {
+            let (n, h, w) = p.geometry(cfg.grid);
+            n as f64 * encoder::forward_flops(&net.encoder, h, w)
+        })
+        .sum();
+    // Triplet: forward + backward (about 2x forward) for anchors and positives. MEVP (frozen,
+    // uncached): one encoder forward; the transformer is small next to it and not counted.
+    let flops_per_subject = if triplet { 6.0 * fwd_flops } else { fwd_flops };
+    println!(
+        "bench step: preset {}, stage {}, batch {b}, threads {}, {} steps after 1 warm-up",
+        cfg.preset,
+        args.stage,
+        rayon::current_num_threads(),
+        args.steps
+    );
+    let mut times = Vec::new();
+    for step in 0..=args.steps {
+        let t = Instant::now();
+        grads[part.clone()].fill(0.0);
+        let loss = if triplet {
+            objective::triplet(
+                &be,
+                &net,
+                &params,
+                Some(&mut grads),
+                &layout,
+                &anchors,
+                &positives,
+                b,
+                1.0,
+            )
+        } else {
+            let targets = Plane::ALL
+                .map(|p| objective::encode_plane(&be, &net, &params, &layout, p, &anchors, b));
+            objective::mevp(
+                &be,
+                &net,
+                &params,
+                Some(&mut grads),
+                &layout,
+                &targets,
+                &tokens,
+                &pos,
+                &masks,
+            )
+        };
+        let h = Adam {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: step as u64 + 1,
+        };
+        be.adam(
+            &h,
+            &mut params[part.clone()],
+            &grads[part.clone()],
+            &mut m[part.clone()],
+            &mut v[part.clone()],
+        );
+        let s = t.elapsed().as_secs_f64();
+        if step > 0 {
+            times.push(s);
+        }
+        println!(
+            "  step {step}: {s:.3} s, loss {loss:.4}{}",
+            if step == 0 { " (warm-up)" } else { "" }
+        );
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    println!(
+        "median step {med:.3} s | {:.2} subjects/s | {:.0} slices/s | {:.1} GFLOP/s (encoder, {:.1} GFLOP per subject) | peak memory {}",
+        b as f64 / med,
+        (b * slices) as f64 / med,
+        b as f64 * flops_per_subject / med / 1e9,
+        flops_per_subject / 1e9,
+        peak_mib().map_or("?".to_string(), |m| format!("{m:.0} MiB"))
+    );
+    Ok(())
+}
