@@ -3,8 +3,10 @@ parameters, both objectives' losses and every trained tensor's gradient, all fro
 autograd, into tests/fixtures/debug_state_tiny.h5. tests/torch_parity.rs compares our Rust
 model against it on every commit without torch.
 
-    /tmp/torchvenv/bin/python benches/reference/export_debug_state.py [--checkpoint CKPT.h5]
-        [--seed S] [--out tests/fixtures/debug_state_tiny.h5]
+    /tmp/torchvenv/bin/python benches/reference/export_debug_state.py [--seed S]
+        [--out tests/fixtures/debug_state_tiny.h5]
+
+(benches/reference/parity.py writes the same kind of file from one of our checkpoints.)
 
 Inputs are float32 values (our model reads volumes as f32) and parameters float32-representable
 values stored as float64, so the Rust f64 backend sees exactly the numbers torch saw and the
@@ -84,92 +86,128 @@ def draw_volumes(grid, b: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack(vols).astype(np.float32)
 
 
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+def rel(ours, ref, scale=None) -> float:
+    """||ours - ref|| / ||ref|| (or / scale)."""
+    a, b = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(a - b) / (scale if scale is not None else max(np.linalg.norm(b), 1e-300)))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="take the parameters from this tiny checkpoint instead of drawing them")
-    ap.add_argument("--seed", type=int, default=20261125)
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--out", default=os.path.join(here, "..", "..", "tests", "fixtures", "debug_state_tiny.h5"))
-    args = ap.parse_args()
+def grad_errors(ours: dict, ref: dict) -> dict:
+    """Per-tensor relative error as tests/torch_parity.rs measures it: a tensor whose reference
+    gradient vanishes in exact arithmetic (|g| <= 1e-8 of the stage's gradient norm: the
+    attention key bias, the encoder fc bias under the triplet loss) is measured against the
+    stage's norm instead of its own rounding noise."""
+    total = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in ref.values())))
+    out = {}
+    for name, g in ref.items():
+        n = float(np.linalg.norm(g))
+        out[name] = rel(ours[name], g, n if n > 1e-8 * total else total)
+    return out
 
-    rng = np.random.default_rng(args.seed)
-    if args.checkpoint:
-        cfg, values = M.load_checkpoint(args.checkpoint)
-        if cfg.preset != "tiny":
-            raise SystemExit(f"{args.checkpoint}: preset {cfg.preset}, the fixture is for tiny")
-    else:
-        cfg = M.preset("tiny")
-        values = draw_params(cfg, rng)
-    b = 2
-    volumes = draw_volumes(cfg.grid, b, rng)
-    # The positive: a monotone intensity curve of the anchor, computed in f32 as the Rust
-    # test reads it.
-    positives = (volumes**np.float32(1.5)).astype(np.float32)
-    masks = {p: np.asarray(m, dtype=np.int32) for p, m in MASKS.items()}
 
+def random_masks(cfg: M.Config, b: int, rng: np.random.Generator) -> dict:
+    """floor(0.1 x slices) sorted positions per plane and subject (PAPER.md)."""
+    out = {}
+    for p in M.PLANES:
+        n = cfg.plane_geometry(p)[0]
+        k = max(1, int(0.1 * n + 1e-9))
+        out[p] = np.stack([np.sort(rng.choice(n, k, replace=False)) for _ in range(b)]).astype(np.int32)
+    return out
+
+
+def export(cfg, values, volumes, positives, masks, margin, out, generator, strict=True, model_config=None):
+    """Runs both objectives in float64 (the stored truth) and float32 (for the record), checks
+    the triplet hinges, writes the debug state to `out` and returns the float32 errors
+    {stage: (loss error, {name: gradient error})}."""
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    res64 = M.run_objectives(cfg, values, volumes, positives, masks, torch.float64, MARGIN)
-    res32 = M.run_objectives(cfg, values, volumes, positives, masks, torch.float32, MARGIN)
+    res64 = M.run_objectives(cfg, values, volumes, positives, masks, torch.float64, margin)
+    res32 = M.run_objectives(cfg, values, volumes, positives, masks, torch.float32, margin)
 
-    # Checks that the fixture is a fair test: every triplet row away from the hinge's kink, and
-    # some rows active (else the encoder gradient would be 0).
+    # A fair test has every triplet row away from the hinge's kink (else rounding decides
+    # whether it contributes) and rows on both sides of it.
     p64 = M.params_from_dict(cfg, values, torch.float64, trainable=())
     net = M.MedicalTransformer(cfg, p64)
-    h = net.hinges(torch.as_tensor(volumes, dtype=torch.float64), torch.as_tensor(positives, dtype=torch.float64), MARGIN)
+    vol64 = torch.as_tensor(volumes, dtype=torch.float64)
+    h = net.hinges(vol64, torch.as_tensor(positives, dtype=torch.float64), margin)
     active = int((h > 0).sum())
     print(f"triplet rows: {active} of {h.numel()} active, min |hinge| {float(h.abs().min()):.3e}")
-    if active in (0, h.numel()) or float(h.abs().min()) < 1e-4:
-        raise SystemExit("a triplet hinge sits too near 0 (or all rows are on one side): pick another seed")
+    if float(h.abs().min()) < 1e-4 or (strict and active in (0, h.numel())):
+        msg = "a triplet hinge sits within 1e-4 of 0 (or all rows are on one side)"
+        if strict:
+            raise SystemExit(msg + ": pick another seed")
+        print("warning: " + msg)
 
-    # For the record: how far PyTorch's own float32 run is from its float64 run.
+    f32_errors = {}
     for stage in ("mevp", "triplet"):
         l64, g64 = res64[stage]
         l32, g32 = res32[stage]
-        worst = max(g64, key=lambda n: rel(g32[n], g64[n]))
+        errs = grad_errors(g32, g64)
+        worst = max(errs, key=errs.get)
+        lerr = abs(l32 - l64) / abs(l64)
+        f32_errors[stage] = (lerr, errs)
         print(
-            f"{stage}: loss {l64:.12g}; torch f32 vs f64: loss {abs(l32 - l64) / abs(l64):.2e}, "
-            f"worst gradient {worst} {rel(g32[worst], g64[worst]):.2e}"
+            f"{stage}: loss {l64:.12g}; torch float32 vs float64: loss {lerr:.2e}, "
+            f"largest per-tensor gradient error {errs[worst]:.2e} ({worst})"
         )
 
     with torch.no_grad():
-        targets = {p: net.encode(M.plane_slices(torch.as_tensor(volumes, dtype=torch.float64), p)).numpy() for p in M.PLANES}
+        targets = {p: net.encode(M.plane_slices(vol64, p)).numpy() for p in M.PLANES}
         tokens = {p: net.mask_token(p).numpy() for p in M.PLANES}
 
-    out = os.path.abspath(args.out)
+    out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = out + ".partial"
     with h5py.File(tmp, "w", locking=False) as f:
         f.attrs["preset"] = cfg.preset
-        f.attrs["margin"] = MARGIN
-        f.attrs["generator"] = "benches/reference/export_debug_state.py" + (
-            f" --checkpoint {args.checkpoint}" if args.checkpoint else f" --seed {args.seed}"
-        )
+        f.attrs["margin"] = float(margin)
+        f.attrs["generator"] = generator
         f.attrs["torch_version"] = str(torch.__version__)
         f.attrs["numpy_version"] = str(np.__version__)
-        f.attrs["seed"] = args.seed
         f.attrs["dtype"] = "float64"
+        if model_config is not None:
+            f.attrs["model_config"] = model_config
         f["input/volumes"] = volumes
         f["input/positives"] = positives
         for p in M.PLANES:
             f[f"input/masks_{p}"] = masks[p]
         for name, _, _, _ in M.layout(cfg):
-            f[f"params/{name}"] = values[name].astype(np.float64)
+            f[f"params/{name}"] = np.asarray(values[name]).astype(np.float64)
         for stage in ("mevp", "triplet"):
             loss, grads = res64[stage]
             f[f"{stage}/loss"] = np.float64(loss)
             for name, g in grads.items():
                 f[f"{stage}/grads/{name}"] = g
+            # PyTorch's own float32 run against its float64 run: the scale of f32 rounding
+            # for this input, printed beside ours by the Rust test.
+            lerr, errs = f32_errors[stage]
+            f[stage].attrs["torch_float32_loss_rel"] = lerr
+            f[stage].attrs["torch_float32_largest_grad_rel"] = max(errs.values())
         # Forward intermediates, to tell an encoder mismatch from a transformer one.
         for p in M.PLANES:
             f[f"forward/encoder_{p}"] = targets[p]
             f[f"forward/mask_token_{p}"] = tokens[p]
     os.replace(tmp, out)
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)")
+    return f32_errors
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=20261125)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--out", default=os.path.join(here, "..", "..", "tests", "fixtures", "debug_state_tiny.h5"))
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    cfg = M.preset("tiny")
+    values = draw_params(cfg, rng)
+    volumes = draw_volumes(cfg.grid, 2, rng)
+    # The positive: a monotone intensity curve of the anchor, computed in f32 as the Rust
+    # test reads it.
+    positives = (volumes ** np.float32(1.5)).astype(np.float32)
+    masks = {p: np.asarray(m, dtype=np.int32) for p, m in MASKS.items()}
+    export(cfg, values, volumes, positives, masks, MARGIN, args.out,
+           f"benches/reference/export_debug_state.py --seed {args.seed}")
 
 
 if __name__ == "__main__":
