@@ -290,7 +290,8 @@ fn compare(
 ) -> Vec<String> {
     let mut bad = Vec::new();
     let mut check = |what: String, err: f64, tol: f64| {
-        if !(err < tol) {
+        // NaN fails too.
+        if err.is_nan() || err >= tol {
             bad.push(format!(
                 "{label} {what}: relative error {err:.3e} >= {tol:.1e}"
             ));
