@@ -135,35 +135,7 @@ fn mevp_vs_position_means(
 fn corpus_and_run() -> (PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("mtx-learning-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let synth = dir.join("h");
-    let o = mtx(&[
-        "synth",
-        "--cohort",
-        "healthy",
-        "--subjects",
-        "40",
-        "--seed",
-        "5",
-        "--out",
-        synth.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let corpus = dir.join("tiny.h5");
-    let manifest = synth.join("manifest.csv");
-    let o = mtx(&[
-        "pack",
-        "--manifest",
-        manifest.to_str().unwrap(),
-        "--out",
-        corpus.to_str().unwrap(),
-        "--grid",
-        "32,38,32",
-        "--spacing",
-        "6",
-        "--val-fraction",
-        "0.2",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let corpus = common::tiny_corpus(&dir, 40, 5);
     // The triplet stage, then MEVP from its encoder for longer: MEVP steps are ~10x cheaper.
     let stage = |name: &str, toml: &str, extra: &[&str]| {
         let cfg = dir.join(format!("{name}.toml"));

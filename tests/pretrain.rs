@@ -2,7 +2,6 @@
 //! across the triplet -> MEVP boundary), and each bad input ending with a clear error.
 mod common;
 
-use common::mtx;
 use mtx_hpc::model::Layout;
 use mtx_hpc::train::Checkpoint;
 use std::path::{Path, PathBuf};
@@ -15,42 +14,7 @@ fn corpus() -> &'static Path {
     C.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("mtx-pretrain-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let synth = dir.join("h");
-        let out = mtx(&[
-            "synth",
-            "--cohort",
-            "healthy",
-            "--subjects",
-            "10",
-            "--out",
-            synth.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let corpus = dir.join("tiny.h5");
-        let manifest = synth.join("manifest.csv");
-        let out = mtx(&[
-            "pack",
-            "--manifest",
-            manifest.to_str().unwrap(),
-            "--out",
-            corpus.to_str().unwrap(),
-            "--grid",
-            "32,38,32",
-            "--spacing",
-            "6",
-            "--val-fraction",
-            "0.2",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        corpus
+        common::tiny_corpus(&dir, 10, 0)
     })
 }
 

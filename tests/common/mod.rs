@@ -149,3 +149,47 @@ pub fn h5_open(path: &Path, write: bool) -> hdf5::File {
     b.with_fapl(|p| p.file_locking(false));
     if write { b.open_rw(path) } else { b.open(path) }.expect("open HDF5 file")
 }
+
+/// Synthesises `subjects` healthy subjects in `dir/h` and packs them at the tiny preset's grid
+/// (32x38x32, 6 mm, 20 % validation) into `dir/tiny.h5`, through the binary.
+pub fn tiny_corpus(dir: &Path, subjects: usize, seed: u64) -> PathBuf {
+    let synth = dir.join("h");
+    let (n, s) = (subjects.to_string(), seed.to_string());
+    let out = mtx(&[
+        "synth",
+        "--cohort",
+        "healthy",
+        "--subjects",
+        &n,
+        "--seed",
+        &s,
+        "--out",
+        synth.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let corpus = dir.join("tiny.h5");
+    let manifest = synth.join("manifest.csv");
+    let out = mtx(&[
+        "pack",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--out",
+        corpus.to_str().unwrap(),
+        "--grid",
+        "32,38,32",
+        "--spacing",
+        "6",
+        "--val-fraction",
+        "0.2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    corpus
+}
