@@ -368,6 +368,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .open(self.out.join("metrics.jsonl"))
             .with_context(|| format!("{}: cannot open metrics.jsonl", self.out.display()))?;
         let mut done_here = 0u64;
+        // A bar on a terminal (log lines print above it); nothing extra in batch logs.
+        let plan = self.plan();
+        let bar = crate::progress::bar(plan.len() as u64 * total, "pretrain");
+        bar.set_position(state.step);
+        let say = |line: String| {
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
+        };
         for (stage, start) in self.plan() {
             let end = start + total;
             if state.step >= end {
@@ -480,8 +491,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 writeln!(metrics, "{}", serde_json::to_string(&line)?).with_context(|| {
                     format!("{}: cannot write metrics.jsonl", self.out.display())
                 })?;
+                bar.set_position(state.step);
+                bar.set_message(format!("{} loss {loss:.4}", stage.name()));
                 if !self.quiet && (state.step % self.cfg.log_every == 0 || val_loss.is_some()) {
-                    println!(
+                    say(format!(
                         "step {:>6} {:<7} epoch {:>3} loss {:.5} lr {:.2e} |g| {:.3} {:.2} subj/s data {:.2}s compute {:.2}s{}",
                         state.step,
                         stage.name(),
@@ -493,7 +506,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         data_s,
                         compute_s,
                         val_loss.map_or(String::new(), |v| format!(" val {v:.5}"))
-                    );
+                    ));
                 }
                 let mut stop = false;
                 if let Some(v) = val_loss {
@@ -517,11 +530,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 }
                 if stop {
                     if !self.quiet {
-                        println!(
+                        say(format!(
                             "{}: early stop after {} epochs without improvement",
                             stage.name(),
                             state.stale_epochs
-                        );
+                        ));
                     }
                     state.step = end;
                     self.save(
@@ -535,6 +548,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 self.save(&self.out.join("final.h5"), stage, state)?;
             }
         }
+        bar.finish();
         Ok(())
     }
 }
