@@ -346,12 +346,33 @@ mod tests {
             "trainable_encoder_in_mevp",
             "margin",
             "mask_fraction",
+            "cache_targets",
         ];
         assert_eq!(t.lines().count(), keys.len() + 1, "{t}");
         for k in keys {
             assert!(t.contains(&format!("  {k} ")), "{k} missing:\n{t}");
         }
         assert!(t.contains("epochs decide"), "{t}");
+    }
+
+    #[test]
+    fn the_example_in_jobs_is_valid_and_complete() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/jobs/pretrain.toml");
+        let c = RunConfig::load(std::path::Path::new(path)).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c,
+            RunConfig::default(),
+            "jobs/pretrain.toml drifted from the defaults"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        for line in RunConfig::default().to_toml().unwrap().lines() {
+            let key = line.split(" =").next().unwrap();
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "jobs/pretrain.toml lacks {key}"
+            );
+        }
     }
 
     #[test]
