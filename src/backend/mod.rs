@@ -180,7 +180,6 @@ pub trait Backend: Send + Sync {
     /// Instance norm over each (sample, channel) plane of `hw` values with learnable affine
     /// `gamma, beta [c]`; saves `mean, rstd [n * c]` for backward. `relu` fuses a ReLU on the
     /// output.
-    #[allow(clippy::too_many_arguments)]
     fn instance_norm_forward(
         &self,
         n: usize,
@@ -197,7 +196,6 @@ pub trait Backend: Send + Sync {
     );
     /// Backward of the above (`y` is the forward output, used for the fused ReLU's mask):
     /// `dx =`, `dgamma +=`, `dbeta +=`.
-    #[allow(clippy::too_many_arguments)]
     fn instance_norm_backward(
         &self,
         n: usize,
@@ -215,7 +213,6 @@ pub trait Backend: Send + Sync {
         dbeta: Self::ViewMut<'_>,
     );
     /// Layer norm over the last dimension `d` of `rows` rows; saves `mean, rstd [rows]`.
-    #[allow(clippy::too_many_arguments)]
     fn layer_norm_forward(
         &self,
         rows: usize,
@@ -228,7 +225,6 @@ pub trait Backend: Send + Sync {
         mean: Self::ViewMut<'_>,
         rstd: Self::ViewMut<'_>,
     );
-    #[allow(clippy::too_many_arguments)]
     fn layer_norm_backward(
         &self,
         rows: usize,
@@ -288,7 +284,6 @@ pub trait Backend: Send + Sync {
     // ---- attention ----
     /// `out = softmax(q k^T scale) v` per (batch, head); saves the probabilities
     /// `probs [b, heads, t, t]` for backward.
-    #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         s: &Attention,
@@ -299,7 +294,6 @@ pub trait Backend: Send + Sync {
         out: Self::ViewMut<'_>,
     );
     /// `dq, dk, dv =` from `dout`.
-    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         s: &Attention,
@@ -315,7 +309,6 @@ pub trait Backend: Send + Sync {
 
     // ---- sequence assembly ----
     /// Tokens: `y[b, t, :] = x[b, t, :] * scale + pos[t, :] + plane[:]` (`pos [t, d]`, `plane [d]`).
-    #[allow(clippy::too_many_arguments)]
     fn embed_forward(
         &self,
         b: usize,
@@ -328,7 +321,6 @@ pub trait Backend: Send + Sync {
         y: Self::ViewMut<'_>,
     );
     /// `dx = dy * scale`, `dplane += sum over b, t of dy` (positions are fixed, no gradient).
-    #[allow(clippy::too_many_arguments)]
     fn embed_backward(
         &self,
         b: usize,
@@ -360,7 +352,6 @@ pub trait Backend: Send + Sync {
     /// Triplet margin loss over `rows` triples of `d`-vectors, mean over rows:
     /// `max(0, ||a - p + eps||_2 - ||a - n + eps||_2 + margin)`, eps = 1e-6 (PyTorch's
     /// pairwise distance); writes `da, dp, dn` scaled by `scale`.
-    #[allow(clippy::too_many_arguments)]
     fn triplet(
         &self,
         rows: usize,

@@ -3,7 +3,7 @@
 //! of saved activations; the backward pass walks the tape in reverse, so parameter gradients
 //! finish in layout order (fc first, stem last) and accumulate into the flat gradient buffer.
 use super::linear;
-use super::params::{ParamIndex, two_mut, view, view_mut};
+use super::params::{ParamIndex, all, all_mut, two_mut, view, view_mut};
 use crate::backend::{Backend, Conv2d, Pool2d};
 
 /// The encoder's shape, from the model config.
@@ -51,21 +51,11 @@ pub struct EncoderTape<B: Backend> {
     feat: B::Buf,
 }
 
-fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
-    be.view(buf, 0..be.len(buf))
-}
-
-fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
-    let len = be.len(buf);
-    be.view_mut(buf, 0..len)
-}
-
 fn names(conv: &str, norm: &str) -> (String, String) {
     (conv.to_string(), norm.to_string())
 }
 
 /// conv (no bias) then instance norm, with an optional fused ReLU.
-#[allow(clippy::too_many_arguments)]
 fn normed_conv_forward<B: Backend>(
     be: &B,
     eps: f32,
@@ -116,7 +106,6 @@ fn normed_conv_forward<B: Backend>(
 /// Backward of [`normed_conv_forward`]: `dpost` is the gradient at the norm's output; returns
 /// the gradient at the conv's input `x` (when asked) and accumulates the three parameter
 /// gradients (norm first, then conv: layout order).
-#[allow(clippy::too_many_arguments)]
 fn normed_conv_backward<B: Backend>(
     be: &B,
     params: &B::Buf,

@@ -19,7 +19,6 @@ fn transposed(ld: usize) -> MatLayout {
 }
 
 /// `y [rows, out] = x [rows, in] w^T + b`.
-#[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend>(
     be: &B,
     rows: usize,
@@ -46,7 +45,6 @@ pub fn forward<B: Backend>(
 }
 
 /// `dx = dy w` (when `dx` is given), `dw += dy^T x`, `db += sum_rows dy`.
-#[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     be: &B,
     rows: usize,

@@ -3,7 +3,7 @@
 //! only) and the triplet loss (encoder only). Both return the loss and, when given a gradient
 //! buffer, accumulate into it.
 use super::encoder::{self, EncoderSpec};
-use super::params::ParamIndex;
+use super::params::{ParamIndex, all, all_mut};
 use super::planes::Plane;
 use super::transformer::{self, TransformerSpec};
 use crate::backend::Backend;
@@ -36,15 +36,6 @@ impl Net {
             },
         }
     }
-}
-
-fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
-    be.view(buf, 0..be.len(buf))
-}
-
-fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
-    let len = be.len(buf);
-    be.view_mut(buf, 0..len)
 }
 
 fn scalar<B: Backend>(be: &B, buf: &B::Buf) -> f64 {
@@ -103,7 +94,6 @@ pub type Masks = [Vec<u32>; 3];
 /// positions and components), with the encoder frozen. `targets[p]` are the encoder vectors
 /// of plane p (from [`encode_plane`], or a cache: they never change while the encoder is
 /// frozen); `tokens[p]` the [MASK] vectors; `pos[p]` the position codes `[slices, D]`.
-#[allow(clippy::too_many_arguments)]
 pub fn mevp<B: Backend>(
     be: &B,
     net: &Net,
@@ -175,7 +165,6 @@ pub fn mevp<B: Backend>(
 /// Triplet loss of `b` subjects (sum over planes of the mean over slices): anchor = a slice,
 /// positive = the same slice of `positives` (the anchor volume after an intensity curve),
 /// negative = the same slice of the paired subject (2k <-> 2k+1). `b` must be even.
-#[allow(clippy::too_many_arguments)]
 pub fn triplet<B: Backend>(
     be: &B,
     net: &Net,

@@ -10,6 +10,17 @@ pub trait ParamIndex {
     fn range_of(&self, name: &str) -> Range<usize>;
 }
 
+/// The whole of a buffer, read-only.
+pub fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
+    be.view(buf, 0..be.len(buf))
+}
+
+/// The whole of a buffer, writable.
+pub fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
+    let len = be.len(buf);
+    be.view_mut(buf, 0..len)
+}
+
 /// A read-only view of tensor `name`.
 pub fn view<'a, B: Backend>(
     be: &B,

@@ -3,7 +3,7 @@
 //! LayerNorm. Forward keeps a tape; backward returns the gradient at the input vectors and
 //! accumulates parameter gradients in layout order (final norm first, plane embedding last).
 use super::linear;
-use super::params::{ParamIndex, two_mut, view};
+use super::params::{ParamIndex, all, all_mut, two_mut, view};
 use crate::backend::{Attention, Backend};
 
 /// The transformer's shape, from the model config.
@@ -52,15 +52,6 @@ pub struct TransformerTape<B: Backend> {
     final_ln: Norm<B>,
 }
 
-fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
-    be.view(buf, 0..be.len(buf))
-}
-
-fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
-    let len = be.len(buf);
-    be.view_mut(buf, 0..len)
-}
-
 fn layer_norm<B: Backend>(
     be: &B,
     params: &B::Buf,
@@ -94,7 +85,6 @@ fn layer_norm<B: Backend>(
 }
 
 /// Backward of a LayerNorm: returns `dinput`, accumulates gamma and beta gradients.
-#[allow(clippy::too_many_arguments)]
 fn layer_norm_backward<B: Backend>(
     be: &B,
     params: &B::Buf,
@@ -153,7 +143,6 @@ fn linear_forward<B: Backend>(
     y
 }
 
-#[allow(clippy::too_many_arguments)]
 fn linear_backward<B: Backend>(
     be: &B,
     params: &B::Buf,
@@ -197,7 +186,6 @@ fn plane_range(idx: &impl ParamIndex, plane: usize, d: usize) -> std::ops::Range
 /// Runs `b` sequences of `t` vectors `x [b*t, d]` of plane `plane` (0 axial, 1 sagittal,
 /// 2 coronal) through the transformer; `pos [t, d]` is the fixed position code. Returns the
 /// final-norm output `[b*t, d]` and the tape.
-#[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend>(
     be: &B,
     spec: &TransformerSpec,

@@ -197,7 +197,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// The loss of one batch; gradients accumulate into `grads` when given.
-    #[allow(clippy::too_many_arguments)]
     fn batch_loss(
         &self,
         stage: Stage,

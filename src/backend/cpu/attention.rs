@@ -105,7 +105,6 @@ fn softmax_row<T: Real>(row: &mut [T]) {
 /// With `S = q k^T scale`, `P = softmax(S)`, `out = P v`:
 /// `dv = P^T dout`, `dP = dout v^T`, `dS = P (dP - rowsum(dP P))`, `dq = dS k scale`,
 /// `dk = dS^T q scale`. Overwrites `dq, dk, dv`.
-#[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
     s: &Attention,
     q: &[T],

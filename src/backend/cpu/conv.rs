@@ -493,7 +493,6 @@ mod dots {
     /// `MI x NJ` dot products over `k` indices `p0..p0 + kb` (`kb` a multiple of 8).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const MI: usize, const NJ: usize>(
         i0: usize,
         j0: usize,
@@ -941,7 +940,6 @@ mod tests {
         y
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn shape(
         n: usize,
         cin: usize,

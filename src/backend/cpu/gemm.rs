@@ -145,7 +145,6 @@ fn split_c<'c, T>(g: &Gemm, c: &'c mut [T], mc: usize, nc: usize) -> Vec<Task<'c
 
 /// Single-threaded `c = alpha op(a) op(b) + beta c` for one `m x n` matrix with rows `ldc`
 /// apart: the building block of ops that already run one task per matrix (attention).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_serial<T: Real>(
     m: usize,
     n: usize,
@@ -325,7 +324,6 @@ fn block<T: Real>(
 /// compiled for AVX2 when the processor has it; both copies do the same operations in the
 /// same order (no FMA contraction), so results are identical. The dispatch sits here, not
 /// per tile, so the micro-kernel inlines and its accumulators stay in registers.
-#[allow(clippy::too_many_arguments)]
 fn macro_kernel<T: Real>(
     pa: &[T],
     pb: &[T],
@@ -346,7 +344,6 @@ fn macro_kernel<T: Real>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 fn macro_kernel_avx2<T: Real>(
     pa: &[T],
     pb: &[T],
@@ -359,7 +356,6 @@ fn macro_kernel_avx2<T: Real>(
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn macro_kernel_generic<T: Real>(
     pa: &[T],
     pb: &[T],

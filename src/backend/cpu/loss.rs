@@ -31,7 +31,6 @@ pub fn mse<T: Real>(scale: f32, pred: &[T], target: &[T], dpred: &mut [T]) -> T 
 
 /// Mean over `rows` of `max(0, ||a - p + eps|| - ||a - n + eps|| + margin)`; writes
 /// `da, dp, dn` (times `scale`). Rows where the hinge is inactive get zero gradient.
-#[allow(clippy::too_many_arguments)]
 pub fn triplet<T: Real>(
     rows: usize,
     d: usize,

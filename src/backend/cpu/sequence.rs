@@ -4,7 +4,6 @@
 use super::Real;
 
 /// `y[bi, ti, :] = x[bi, ti, :] * scale + pos[ti, :] + plane[:]`.
-#[allow(clippy::too_many_arguments)]
 pub fn embed_forward<T: Real>(
     b: usize,
     t: usize,
@@ -31,7 +30,6 @@ pub fn embed_forward<T: Real>(
 }
 
 /// `dx = dy * scale`; `dplane += sum over rows of dy`, rows in order.
-#[allow(clippy::too_many_arguments)]
 pub fn embed_backward<T: Real>(
     b: usize,
     t: usize,
