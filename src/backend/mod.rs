@@ -13,6 +13,12 @@ pub mod cpu;
 
 use std::ops::Range;
 
+/// Output length along one axis of a convolution or pooling window of size `k` (floor mode,
+/// as PyTorch): `(n + 2 pad - k) / stride + 1`, at least 1.
+pub fn window_out(n: usize, k: usize, stride: usize, pad: usize) -> usize {
+    (n + 2 * pad).saturating_sub(k) / stride + 1
+}
+
 /// Shape of a 2-D convolution without bias: `x [n, cin, h, w] * w [cout, cin, k, k] ->
 /// y [n, cout, ho, wo]` with `ho = (h + 2 pad - k) / stride + 1` (same for `wo`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,8 +36,8 @@ pub struct Conv2d {
 impl Conv2d {
     pub fn out_hw(&self) -> (usize, usize) {
         (
-            (self.h + 2 * self.pad - self.k) / self.stride + 1,
-            (self.w + 2 * self.pad - self.k) / self.stride + 1,
+            window_out(self.h, self.k, self.stride, self.pad),
+            window_out(self.w, self.k, self.stride, self.pad),
         )
     }
 }
@@ -52,13 +58,13 @@ pub struct Pool2d {
 impl Pool2d {
     pub fn out_hw(&self) -> (usize, usize) {
         (
-            (self.h + 2 * self.pad - self.k) / self.stride + 1,
-            (self.w + 2 * self.pad - self.k) / self.stride + 1,
+            window_out(self.h, self.k, self.stride, self.pad),
+            window_out(self.w, self.k, self.stride, self.pad),
         )
     }
 }
 
-/// One operand of a strided batched GEMM: matrix `i` starts at `offset + i * stride`, rows
+/// One operand of a strided batched GEMM: matrix `i` starts at `i * stride` in its view, rows
 /// `ld` apart; `trans` reads it transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MatLayout {

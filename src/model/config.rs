@@ -53,11 +53,6 @@ pub struct PlaneShape {
     pub w: usize,
 }
 
-/// Output side of a convolution or pooling window along one axis.
-fn window_out(n: usize, k: usize, stride: usize, pad: usize) -> usize {
-    (n + 2 * pad).saturating_sub(k) / stride + 1
-}
-
 /// Everything that fixes the model's shapes, plus the options the paper leaves open.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -151,16 +146,22 @@ impl ModelConfig {
     /// conv (7x7 stride 2 pad 3), the max-pool (3x3 stride 2 pad 1), then each stage (stride 2
     /// in block 1 of stages 2 and later, 3x3 pad 1 and the 1x1 skip giving the same size).
     pub fn encoder_sizes(&self, h: usize, w: usize) -> Vec<(String, usize, usize)> {
-        let mut out = Vec::with_capacity(self.widths.len() + 2);
-        let (mut h, mut w) = (window_out(h, 7, 2, 3), window_out(w, 7, 2, 3));
-        out.push(("stem.conv".to_string(), h, w));
-        (h, w) = (window_out(h, 3, 2, 1), window_out(w, 3, 2, 1));
-        out.push(("stem.pool".to_string(), h, w));
-        for s in 1..=self.widths.len() {
-            if s >= 2 {
-                (h, w) = (window_out(h, 3, 2, 1), window_out(w, 3, 2, 1));
+        // The encoder's own shape plan, so this can never disagree with the forward pass.
+        let spec = crate::model::encoder::EncoderSpec {
+            widths: self.widths.clone(),
+            d: self.d,
+            eps: self.norm_eps,
+        };
+        let plan = crate::model::encoder::Plan::new(&spec, 1, h, w);
+        let named = |name: String, (h, w): (usize, usize)| (name, h, w);
+        let mut out = vec![
+            named("stem.conv".into(), plan.stem.out_hw()),
+            named("stem.pool".into(), plan.pool.out_hw()),
+        ];
+        for (s, stage) in plan.blocks.chunks(2).enumerate() {
+            if let Some(last) = stage.last() {
+                out.push(named(format!("s{}", s + 1), last.conv2.out_hw()));
             }
-            out.push((format!("s{s}"), h, w));
         }
         out
     }

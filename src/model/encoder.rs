@@ -51,6 +51,74 @@ pub struct EncoderTape<B: Backend> {
     feat: B::Buf,
 }
 
+/// The shapes of one encoder pass over `n` slices of `h x w`: the one place where the layer
+/// hyperparameters (stem 7x7/2, max-pool 3x3/2, stride 2 at each later stage's first block)
+/// live; forward and the FLOP count both walk it.
+pub struct Plan {
+    pub stem: Conv2d,
+    pub pool: Pool2d,
+    pub blocks: Vec<BlockPlan>,
+    /// Channels and spatial size of the last block's output.
+    pub last: (usize, usize, usize),
+}
+
+/// One BasicBlock: two 3x3 convolutions and, where the shape changes, a 1x1 projection.
+pub struct BlockPlan {
+    /// Layout prefix, e.g. `encoder.s2.b1`.
+    pub prefix: String,
+    pub conv1: Conv2d,
+    pub conv2: Conv2d,
+    pub down: Option<Conv2d>,
+}
+
+impl Plan {
+    pub fn new(spec: &EncoderSpec, n: usize, h: usize, w: usize) -> Self {
+        let conv = |cin, h, w, cout, k, stride, pad| Conv2d {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            k,
+            stride,
+            pad,
+        };
+        let stem = conv(1, h, w, spec.widths[0], 7, 2, 3);
+        let (sh, sw) = stem.out_hw();
+        let pool = Pool2d {
+            n,
+            c: spec.widths[0],
+            h: sh,
+            w: sw,
+            k: 3,
+            stride: 2,
+            pad: 1,
+        };
+        let (mut c, (mut hh, mut ww)) = (spec.widths[0], pool.out_hw());
+        let mut blocks = Vec::new();
+        for (s, &width) in spec.widths.iter().enumerate() {
+            for b in 0..2 {
+                let stride = if s > 0 && b == 0 { 2 } else { 1 };
+                let conv1 = conv(c, hh, ww, width, 3, stride, 1);
+                let (oh, ow) = conv1.out_hw();
+                blocks.push(BlockPlan {
+                    prefix: format!("encoder.s{}.b{}", s + 1, b + 1),
+                    conv1,
+                    conv2: conv(width, oh, ow, width, 3, 1, 1),
+                    down: (stride != 1 || c != width).then(|| conv(c, hh, ww, width, 1, stride, 0)),
+                });
+                (c, hh, ww) = (width, oh, ow);
+            }
+        }
+        Plan {
+            stem,
+            pool,
+            blocks,
+            last: (c, hh, ww),
+        }
+    }
+}
+
 fn names(conv: &str, norm: &str) -> (String, String) {
     (conv.to_string(), norm.to_string())
 }
@@ -172,117 +240,75 @@ pub fn forward<B: Backend>(
         be.copy(x, all_mut(be, &mut b));
         b
     };
-    let stem_conv = Conv2d {
-        n,
-        cin: 1,
-        h,
-        w,
-        cout: spec.widths[0],
-        k: 7,
-        stride: 2,
-        pad: 3,
-    };
+    let plan = Plan::new(spec, n, h, w);
     let stem = normed_conv_forward(
         be,
         spec.eps,
         params,
         idx,
         names("encoder.stem.conv", "encoder.stem.norm"),
-        stem_conv,
+        plan.stem,
         all(be, &input),
         true,
     );
-    let (sh, sw) = stem_conv.out_hw();
-    let pool = Pool2d {
-        n,
-        c: spec.widths[0],
-        h: sh,
-        w: sw,
-        k: 3,
-        stride: 2,
-        pad: 1,
-    };
+    let pool = plan.pool;
     let (ph, pw) = pool.out_hw();
     let mut pooled = be.zeros(n * pool.c * ph * pw);
     be.max_pool_forward(&pool, all(be, &stem.post), all_mut(be, &mut pooled));
 
     let mut blocks: Vec<Block<B>> = Vec::new();
-    let (mut c, mut hh, mut ww) = (spec.widths[0], ph, pw);
-    for (s, &width) in spec.widths.iter().enumerate() {
-        for b in 0..2 {
-            let stride = if s > 0 && b == 0 { 2 } else { 1 };
-            let prefix = format!("encoder.s{}.b{}", s + 1, b + 1);
-            let input = blocks.last().map_or(&pooled, |blk| &blk.out);
-            let conv3 = |cin, h, w, stride| Conv2d {
-                n,
-                cin,
-                h,
-                w,
-                cout: width,
-                k: 3,
-                stride,
-                pad: 1,
-            };
-            let c1 = normed_conv_forward(
+    for bp in &plan.blocks {
+        let prefix = &bp.prefix;
+        let input = blocks.last().map_or(&pooled, |blk| &blk.out);
+        let c1 = normed_conv_forward(
+            be,
+            spec.eps,
+            params,
+            idx,
+            names(&format!("{prefix}.conv1"), &format!("{prefix}.norm1")),
+            bp.conv1,
+            all(be, input),
+            true,
+        );
+        let c2 = normed_conv_forward(
+            be,
+            spec.eps,
+            params,
+            idx,
+            names(&format!("{prefix}.conv2"), &format!("{prefix}.norm2")),
+            bp.conv2,
+            all(be, &c1.post),
+            false,
+        );
+        let down = bp.down.map(|conv| {
+            normed_conv_forward(
                 be,
                 spec.eps,
                 params,
                 idx,
-                names(&format!("{prefix}.conv1"), &format!("{prefix}.norm1")),
-                conv3(c, hh, ww, stride),
+                names(
+                    &format!("{prefix}.down.conv"),
+                    &format!("{prefix}.down.norm"),
+                ),
+                conv,
                 all(be, input),
-                true,
-            );
-            let (oh, ow) = c1.conv.out_hw();
-            let c2 = normed_conv_forward(
-                be,
-                spec.eps,
-                params,
-                idx,
-                names(&format!("{prefix}.conv2"), &format!("{prefix}.norm2")),
-                conv3(width, oh, ow, 1),
-                all(be, &c1.post),
                 false,
-            );
-            let down = (stride != 1 || c != width).then(|| {
-                let conv = Conv2d {
-                    n,
-                    cin: c,
-                    h: hh,
-                    w: ww,
-                    cout: width,
-                    k: 1,
-                    stride,
-                    pad: 0,
-                };
-                normed_conv_forward(
-                    be,
-                    spec.eps,
-                    params,
-                    idx,
-                    names(
-                        &format!("{prefix}.down.conv"),
-                        &format!("{prefix}.down.norm"),
-                    ),
-                    conv,
-                    all(be, input),
-                    false,
-                )
-            });
-            let mut out = be.zeros(n * width * oh * ow);
-            let skip = down.as_ref().map_or(input, |d| &d.post);
-            be.add(all(be, &c2.post), all(be, skip), all_mut(be, &mut out));
-            let mut relu_out = be.zeros(n * width * oh * ow);
-            be.relu_forward(all(be, &out), all_mut(be, &mut relu_out));
-            blocks.push(Block {
-                c1,
-                c2,
-                down,
-                out: relu_out,
-            });
-            (c, hh, ww) = (width, oh, ow);
-        }
+            )
+        });
+        let len = be.len(&c2.post);
+        let mut out = be.zeros(len);
+        let skip = down.as_ref().map_or(input, |d| &d.post);
+        be.add(all(be, &c2.post), all(be, skip), all_mut(be, &mut out));
+        let mut relu_out = be.zeros(len);
+        be.relu_forward(all(be, &out), all_mut(be, &mut relu_out));
+        blocks.push(Block {
+            c1,
+            c2,
+            down,
+            out: relu_out,
+        });
     }
+    let (c, hh, ww) = plan.last;
     let mut feat = be.zeros(n * c);
     let last = blocks.last().map_or(&pooled, |b| &b.out);
     be.avg_pool_forward(n, c, hh * ww, all(be, last), all_mut(be, &mut feat));
@@ -421,49 +447,13 @@ pub fn forward_flops(spec: &EncoderSpec, h: usize, w: usize) -> f64 {
         let (ho, wo) = c.out_hw();
         2.0 * (c.cout * c.cin * c.k * c.k * ho * wo) as f64
     };
-    let stem = Conv2d {
-        n: 1,
-        cin: 1,
-        h,
-        w,
-        cout: spec.widths[0],
-        k: 7,
-        stride: 2,
-        pad: 3,
-    };
-    let mut total = conv_flops(&stem);
-    let (sh, sw) = stem.out_hw();
-    let pool = Pool2d {
-        n: 1,
-        c: spec.widths[0],
-        h: sh,
-        w: sw,
-        k: 3,
-        stride: 2,
-        pad: 1,
-    };
-    let (mut c, (mut hh, mut ww)) = (spec.widths[0], pool.out_hw());
-    for (s, &width) in spec.widths.iter().enumerate() {
-        for b in 0..2 {
-            let stride = if s > 0 && b == 0 { 2 } else { 1 };
-            let conv = |cin, h, w, k, stride, pad| Conv2d {
-                n: 1,
-                cin,
-                h,
-                w,
-                cout: width,
-                k,
-                stride,
-                pad,
-            };
-            let c1 = conv(c, hh, ww, 3, stride, 1);
-            let (oh, ow) = c1.out_hw();
-            total += conv_flops(&c1) + conv_flops(&conv(width, oh, ow, 3, 1, 1));
-            if stride != 1 || c != width {
-                total += conv_flops(&conv(c, hh, ww, 1, stride, 0));
-            }
-            (c, hh, ww) = (width, oh, ow);
-        }
-    }
-    total + 2.0 * (c * spec.d) as f64
+    let plan = Plan::new(spec, 1, h, w);
+    let blocks: f64 = plan
+        .blocks
+        .iter()
+        .map(|b| {
+            conv_flops(&b.conv1) + conv_flops(&b.conv2) + b.down.as_ref().map_or(0.0, conv_flops)
+        })
+        .sum();
+    conv_flops(&plan.stem) + blocks + 2.0 * (plan.last.0 * spec.d) as f64
 }
