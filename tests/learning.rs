@@ -65,6 +65,43 @@ fn triplet_accuracy(
     right as f64 / total as f64
 }
 
+/// Mean squared error over the masked positions of plane `pl` of predicting each target by
+/// its position's mean, plus (with `neighbours`) the mean of the residuals (vector minus its
+/// position mean) of the unmasked slices directly next to it: a context-using predictor that a
+/// one-layer transformer can express. It tells whether the context holds anything to learn.
+fn masked_mse(
+    masks: &[Masks],
+    pl: Plane,
+    n: usize,
+    d: usize,
+    targets: &[f32],
+    mean: &[f64],
+    neighbours: bool,
+) -> f64 {
+    let (mut sum, mut count) = (0.0, 0usize);
+    for (s, m) in masks.iter().enumerate() {
+        let masked = &m[pl.index()];
+        let open = |u: usize| u < n && !masked.contains(&(u as u32));
+        for &i in masked {
+            let i = i as usize;
+            let near: Vec<usize> = [i.wrapping_sub(1), i + 1]
+                .into_iter()
+                .filter(|&u| neighbours && open(u))
+                .collect();
+            for j in 0..d {
+                let value = |u: usize| f64::from(targets[(s * n + u) * d + j]);
+                let mut guess = mean[i * d + j];
+                for &u in &near {
+                    guess += (value(u) - mean[u * d + j]) / near.len() as f64;
+                }
+                sum += (guess - value(i)).powi(2);
+                count += 1;
+            }
+        }
+    }
+    sum / count as f64
+}
+
 /// (model loss, baseline loss) of MEVP on the validation subjects.
 fn mevp_vs_position_means(
     net: &Net,
@@ -117,17 +154,14 @@ fn mevp_vs_position_means(
                 mean[k % (n * d)] += f64::from(*x) / train.len() as f64;
             }
         }
-        let (mut sum, mut count) = (0.0, 0usize);
-        for (s, m) in masks.iter().enumerate() {
-            for &i in &m[pl.index()] {
-                for j in 0..d {
-                    let t = f64::from(targets[pl.index()][(s * n + i as usize) * d + j]);
-                    sum += (mean[i as usize * d + j] - t).powi(2);
-                    count += 1;
-                }
-            }
-        }
-        baseline += sum / count as f64;
+        let t = &targets[pl.index()];
+        let plain = masked_mse(&masks, pl, n, d, t, &mean, false);
+        let near = masked_mse(&masks, pl, n, d, t, &mean, true);
+        eprintln!(
+            "{}: position means {plain:.4}, + neighbours' residuals {near:.4}",
+            pl.name()
+        );
+        baseline += plain;
     }
     (model, baseline)
 }
@@ -163,14 +197,19 @@ fn corpus_and_run() -> (PathBuf, PathBuf) {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         run
     };
-    let triplet = stage(
-        "triplet",
-        "lr_triplet = 1e-3\nepochs = 12\npatience = 0\n",
-        &[],
-    );
-    let encoder = triplet.join("final.h5");
-    let mevp_cfg = std::env::var("MTX_LEARN_MEVP")
-        .unwrap_or_else(|_| "lr_mevp = 2e-3\nepochs = 60\npatience = 0\n".into());
+    // MTX_LEARN_ENCODER=FILE skips the triplet stage and starts MEVP from FILE's encoder.
+    let encoder = match std::env::var("MTX_LEARN_ENCODER") {
+        Ok(file) => PathBuf::from(file),
+        Err(_) => stage(
+            "triplet",
+            "lr_triplet = 1e-3\nepochs = 12\npatience = 0\n",
+            &[],
+        )
+        .join("final.h5"),
+    };
+    let mevp_cfg = std::env::var("MTX_LEARN_MEVP").unwrap_or_else(|_| {
+        "lr_mevp = 1e-2\nepochs = 300\npatience = 0\ncheckpoint_every = 100000\n".into()
+    });
     let run = stage(
         "mevp",
         &mevp_cfg,
@@ -179,11 +218,13 @@ fn corpus_and_run() -> (PathBuf, PathBuf) {
     (corpus, run)
 }
 
-// Measured 2026-11-25: triplet top-1 0.803 (passes), MEVP 0.272 vs baseline 0.228 (ratio
-// 1.19: fails the 0.8 goal). Kept runnable (`cargo test --test learning -- --ignored`) until
-// MEVP learns more than the position means: issue 3 stays open on this point.
+// Measured 2026-11-25: triplet top-1 0.803 (passes); MEVP 0.233 vs baseline 0.228 (ratio
+// 1.02: fails the 0.8 goal). The transformer reaches the position means but the context holds
+// nothing more to learn on this corpus: adding the neighbours' residuals makes the guess worse
+// (printed per plane), so the encoder's residuals are uncorrelated from slice to slice. Kept
+// runnable (`cargo test --test learning -- --ignored`); issue 3 stays open on this point.
 #[test]
-#[ignore = "MEVP does not beat the position-mean baseline yet (ratio 1.19); run with --ignored"]
+#[ignore = "MEVP reaches but does not beat the position-mean baseline (ratio 1.02); run with --ignored"]
 fn pretraining_learns_both_objectives() {
     let (corpus_path, run) = corpus_and_run();
     let c = Corpus::open(&corpus_path).unwrap();
