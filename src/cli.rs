@@ -206,8 +206,14 @@ last stage) and final.h5. Every random draw is keyed by (seed, epoch, subject, p
 mtx-hpc pretrain --corpus tiny.h5 --out runs/t --preset tiny --steps 20 --batch 2\n  \
 mtx-hpc pretrain --corpus data/healthy.h5 --out runs/r1 --resume auto\n  \
 mtx-hpc pretrain --corpus data/healthy.h5 --out runs/r2 --stage mevp --init-encoder runs/r1/best.h5\n\n\
+Ranks: started plainly it is one process; under `mpirun -n N` or `srun --mpi=pmix` it runs N \
+data-parallel ranks (the global batch split evenly, an even number of subjects per rank), rank 0 \
+writing the run folder. On SIGUSR1 or SIGTERM it finishes the step, writes a checkpoint and exits \
+with status 75; `--resume auto` continues. Any rank's error ends the whole job.\n\n\
 Test hooks (environment, for the test suite): MTX_TEST_STOP_AFTER=N stops as if killed after N \
-steps; MTX_TEST_NAN_AT_STEP=N makes step N's loss NaN."
+steps; MTX_TEST_NAN_AT_STEP=N makes step N's loss NaN; MTX_TEST_FAIL_AT_STEP=N fails at step N; \
+MTX_TEST_UNREADABLE_SUBJECT=I makes corpus subject I unreadable; MTX_TEST_RANK=R applies these \
+on rank R only."
 )]
 pub struct PretrainArgs {
     /// The corpus to train on (from `mtx-hpc pack`; its grid must match the preset).
@@ -252,9 +258,14 @@ pub struct PretrainArgs {
     /// Reuse a run folder that holds another run (its checkpoints may be replaced).
     #[arg(long)]
     pub force: bool,
-    /// Worker threads (default: all cores).
+    /// Worker threads per rank (SLURM_CPUS_PER_TASK wins when set; default: the node's cores
+    /// shared among its ranks).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Copy the corpus into this node-local folder (e.g. $TMPDIR) once per node and read it
+    /// there; an up-to-date copy (same checksum) is reused.
+    #[arg(long, value_name = "DIR")]
+    pub stage_corpus: Option<PathBuf>,
 }
 
 fn parse_grid(s: &str) -> Result<[usize; 3], String> {
@@ -285,6 +296,18 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Reached by every rank together: rank 0 says it, all exit with its status.
+        Err(e) if e.is::<crate::dist::Collective>() => {
+            let c = e
+                .downcast_ref::<crate::dist::Collective>()
+                .expect("checked");
+            if c.report && c.code == crate::train::pretrain::EXIT_INTERRUPTED {
+                eprintln!("{}", c.message);
+            } else if c.report {
+                eprintln!("error: {}", c.message);
+            }
+            ExitCode::from(c.code)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

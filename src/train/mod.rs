@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod prefetch;
 pub mod pretrain;
 
 pub use checkpoint::{Checkpoint, CheckpointMeta};

@@ -4,9 +4,11 @@
 //! uninterrupted one bit for bit without saving any RNG state.
 use super::checkpoint::{self, Checkpoint, CheckpointMeta};
 use super::config::{RunConfig, Stage, Stages};
+use super::prefetch::{self, Prefetch};
 use crate::backend::{Adam, Backend};
 use crate::data::corpus::Corpus;
 use crate::data::shard;
+use crate::dist::{Collective, Op, SlurmEnv, World};
 use crate::model::augment::Curve;
 use crate::model::config::ModelConfig;
 use crate::model::init;
@@ -17,7 +19,13 @@ use crate::rng;
 use anyhow::{Context, Result, bail};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+/// Exit status of a run stopped by SIGUSR1/SIGTERM after writing its checkpoint: the job
+/// script requeues on it and `--resume auto` continues (EX_TEMPFAIL).
+pub const EXIT_INTERRUPTED: u8 = 75;
 
 /// Where the run's state lives between steps (parameters, Adam moments, gradients).
 pub struct State<B: Backend> {
@@ -47,6 +55,11 @@ struct Metrics<'a> {
     subjects_per_s: f64,
     data_s: f64,
     compute_s: f64,
+    /// Largest time any rank waited for its batch.
+    data_wait_s: f64,
+    /// Gradient all-reduce time, and the part of it the step waited for.
+    comm_s: f64,
+    comm_exposed_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     val_loss: Option<f64>,
 }
@@ -68,6 +81,16 @@ pub struct Trainer<'a, B: Backend> {
     /// Make this global step's loss NaN (tests of the non-finite stop).
     pub poison_step: Option<u64>,
     pub quiet: bool,
+    /// This process's place in the job (a world of one without a launcher).
+    pub world: &'a World,
+    /// Fail with an error at this global step (tests of a rank fault).
+    pub fail_step: Option<u64>,
+    /// The rank the test hooks act on (None: every rank).
+    pub hook_rank: Option<usize>,
+    /// Reading this corpus subject index fails (tests of unreadable data).
+    pub unreadable: Option<usize>,
+    /// Set by SIGUSR1/SIGTERM: checkpoint after the current step and exit 75.
+    pub stop_signal: Arc<AtomicBool>,
     /// MEVP targets per subject and plane (see [`Trainer::targets`]); emptied at each stage.
     pub cache: std::cell::RefCell<std::collections::HashMap<usize, [Vec<f32>; 3]>>,
 }
@@ -144,14 +167,39 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// Volumes of the given corpus subjects, concatenated `[b, X, Y, Z]`.
     fn read_volumes(&self, subjects: &[usize]) -> Result<Vec<f32>> {
-        let per: usize = self.model.grid.iter().product();
-        let mut out = Vec::with_capacity(subjects.len() * per);
-        let (mut raw, mut vol) = (Vec::new(), Vec::new());
-        for &s in subjects {
-            self.corpus.read_volume(s, &mut raw, &mut vol)?;
-            out.extend_from_slice(&vol);
+        let mut out = Vec::new();
+        prefetch::read_subjects(self.corpus, subjects, self.unreadable, &mut out)?;
+        Ok(out)
+    }
+
+    /// This rank's subjects for each global step in `from..end` of the stage starting at
+    /// `start` (the same global batches whatever the world size; see data/shard.rs).
+    fn schedule(&self, start: u64, from: u64, end: u64) -> Result<Vec<Vec<usize>>> {
+        let spe = self.steps_per_epoch();
+        let mut out = Vec::with_capacity((end - from) as usize);
+        let mut epoch_batches: Option<(u64, Vec<Vec<usize>>)> = None;
+        for step in from..end {
+            let local = step - start;
+            let (epoch, k) = (local / spe, (local % spe) as usize);
+            if epoch_batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                let b = shard::rank_batches(
+                    self.train.len(),
+                    self.cfg.seed,
+                    epoch,
+                    self.world.rank,
+                    self.world.size,
+                    self.cfg.batch,
+                )?;
+                epoch_batches = Some((epoch, b));
+            }
+            let batches = &epoch_batches.as_ref().expect("set above").1;
+            out.push(batches[k].iter().map(|&i| self.train[i]).collect());
         }
         Ok(out)
+    }
+
+    fn hooked(&self) -> bool {
+        self.hook_rank.is_none_or(|r| r == self.world.rank)
     }
 
     /// Positives: each anchor after its own intensity curve, keyed by (seed, epoch, subject).
@@ -297,19 +345,31 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if usable == 0 {
             return Ok(None);
         }
+        // Each global chunk is split over the ranks as training batches are; a chunk's loss is
+        // the subject-weighted mean of its pieces' (pieces are even, so triplet pairs stay).
+        let per = self.cfg.batch / self.world.size;
         let (mut sum, mut batches) = (0.0, 0);
         for chunk in self.val[..usable].chunks(self.cfg.batch) {
-            let volumes = self.read_volumes(chunk)?;
-            sum += self.batch_loss(
-                stage,
-                params,
-                None,
-                chunk,
-                &volumes,
-                u64::MAX,
-                "val-mask",
-                consts,
-            );
+            let lo = (self.world.rank * per).min(chunk.len());
+            let hi = ((self.world.rank + 1) * per).min(chunk.len());
+            let mine = &chunk[lo..hi];
+            let mut piece = [0.0];
+            if !mine.is_empty() {
+                let volumes = self.read_volumes(mine)?;
+                let loss = self.batch_loss(
+                    stage,
+                    params,
+                    None,
+                    mine,
+                    &volumes,
+                    u64::MAX,
+                    "val-mask",
+                    consts,
+                );
+                piece[0] = loss * (mine.len() as f64 / chunk.len() as f64);
+            }
+            self.world.all_reduce_f64(&mut piece, Op::Sum);
+            sum += piece[0];
             batches += 1;
         }
         Ok(Some(sum / batches as f64))
@@ -334,7 +394,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
     }
 
+    /// Writes a checkpoint from rank 0 once every rank has got here (every rank calls it).
     fn save(&self, path: &Path, stage: Stage, state: &State<B>) -> Result<()> {
+        self.world.barrier();
+        if !self.world.is_root() {
+            return Ok(());
+        }
         let n = self.layout.total();
         let (mut p, mut m, mut v) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
         self.be.download(self.be.view(&state.params, 0..n), &mut p);
@@ -350,7 +415,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
         )
     }
 
-    /// Runs every remaining step of the plan from `state`.
+    /// Runs every remaining step of the plan from `state`. Every rank runs it; the decisions
+    /// (stop on a non-finite value, a signal, early stopping) come from values all-reduced
+    /// each step, so the ranks always take them together.
     pub fn run(&self, state: &mut State<B>) -> Result<()> {
         let spe = self.steps_per_epoch();
         if spe == 0 {
@@ -361,24 +428,40 @@ impl<'a, B: Backend> Trainer<'a, B> {
             );
         }
         let total = self.stage_steps();
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.out.join("metrics.jsonl"))
-            .with_context(|| format!("{}: cannot open metrics.jsonl", self.out.display()))?;
+        let (world, be) = (self.world, self.be);
+        let root = world.is_root();
+        let mut metrics = match root {
+            true => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.out.join("metrics.jsonl"))
+                    .with_context(|| {
+                        format!("{}: cannot open metrics.jsonl", self.out.display())
+                    })?,
+            ),
+            false => None,
+        };
         let mut done_here = 0u64;
-        // A bar on a terminal (log lines print above it); nothing extra in batch logs.
+        // A bar on rank 0's terminal (log lines print above it); nothing in batch logs.
         let plan = self.plan();
-        let bar = crate::progress::bar(plan.len() as u64 * total, "pretrain");
+        let bar = match root {
+            true => crate::progress::bar(plan.len() as u64 * total, "pretrain"),
+            false => indicatif::ProgressBar::hidden(),
+        };
         bar.set_position(state.step);
+        let quiet = self.quiet || !root;
         let say = |line: String| {
-            if bar.is_hidden() {
+            if quiet {
+            } else if bar.is_hidden() {
                 println!("{line}");
             } else {
                 bar.println(line);
             }
         };
-        for (stage, start) in self.plan() {
+        // Host staging of the gradients for MPI, kept for the whole run.
+        let (mut send, mut recv) = (Vec::new(), Vec::new());
+        for &(stage, start) in &plan {
             let end = start + total;
             if state.step >= end {
                 continue;
@@ -390,27 +473,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let part = self.layout.part_range(Self::part(stage));
             let consts = (stage == Stage::Mevp).then(|| self.mevp_constants(&state.params));
             self.cache.borrow_mut().clear();
+            let reader = Prefetch::start(
+                self.corpus.path(),
+                self.schedule(start, state.step, end)?,
+                self.unreadable,
+            );
             while state.step < end {
                 if self.stop_after.is_some_and(|k| done_here >= k) {
                     return Ok(());
                 }
                 let local = state.step - start;
-                let (epoch, k) = (local / spe, (local % spe) as usize);
-                let t0 = Instant::now();
-                let batches = shard::rank_batches(
-                    self.train.len(),
-                    self.cfg.seed,
-                    epoch,
-                    0,
-                    1,
-                    self.cfg.batch,
-                )?;
-                let subjects: Vec<usize> = batches[k].iter().map(|&i| self.train[i]).collect();
-                let volumes = self.read_volumes(&subjects)?;
-                let data_s = t0.elapsed().as_secs_f64();
+                let epoch = local / spe;
+                let (batch, data_s) = reader.next()?;
+                let (subjects, volumes) = (batch.subjects, batch.volumes);
                 let t1 = Instant::now();
-                self.be
-                    .fill(self.be.view_mut(&mut state.grads, part.clone()), 0.0);
+                be.fill(be.view_mut(&mut state.grads, part.clone()), 0.0);
                 let mut loss = self.batch_loss(
                     stage,
                     &state.params,
@@ -421,25 +498,85 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     "mask",
                     consts.as_ref(),
                 );
-                if self.poison_step == Some(state.step + 1) {
+                if self.hooked() && self.poison_step == Some(state.step + 1) {
                     loss = f64::NAN;
                 }
-                let g = self.be.view(&state.grads, part.clone());
-                let norm = self.be.sum_squares(g).sqrt();
-                if !loss.is_finite() || !norm.is_finite() {
-                    let last = checkpoint::latest_complete(&self.out)?;
+                if self.hooked() && self.fail_step == Some(state.step + 1) {
                     bail!(
-                        "step {}: non-finite {} (loss {loss}, gradient norm {norm}); the last good checkpoint is {}",
-                        state.step + 1,
-                        if loss.is_finite() { "gradient" } else { "loss" },
-                        last.map_or("none".to_string(), |p| p.display().to_string())
+                        "step {}: failure injected by MTX_TEST_FAIL_AT_STEP",
+                        state.step + 1
                     );
                 }
+                // Each rank checks its own values before they are mixed, so the message can
+                // name the rank. One small reduction carries every per-step decision.
+                let local_sq = be.sum_squares(be.view(&state.grads, part.clone()));
+                let bad = !loss.is_finite() || !local_sq.is_finite();
+                let mut sums = [
+                    loss,
+                    f64::from(u8::from(bad)),
+                    f64::from(u8::from(self.stop_signal.load(Ordering::Relaxed))),
+                ];
+                let first_bad = if bad {
+                    -(world.rank as f64)
+                } else {
+                    f64::NEG_INFINITY
+                };
+                let mut maxes = [data_s, first_bad];
+                world.all_reduce_f64(&mut sums, Op::Sum);
+                world.all_reduce_f64(&mut maxes, Op::Max);
+                if sums[1] > 0.0 {
+                    let rank = -maxes[1];
+                    let what = match (loss.is_finite(), local_sq.is_finite()) {
+                        (false, _) => format!("loss {loss}"),
+                        (true, false) => format!("gradient norm {}", local_sq.sqrt()),
+                        _ => "value".to_string(),
+                    };
+                    let last = checkpoint::latest_complete(&self.out)?;
+                    let on_rank = if world.size > 1 {
+                        format!(" on rank {rank}")
+                    } else {
+                        String::new()
+                    };
+                    let detail = if world.rank as f64 == rank {
+                        format!(" ({what})")
+                    } else {
+                        String::new()
+                    };
+                    return Err(Collective::new(
+                        world,
+                        1,
+                        format!(
+                            "step {}: non-finite {}{on_rank}{detail}; the last good checkpoint is {}",
+                            state.step + 1,
+                            if bad && loss.is_finite() { "gradient" } else { "loss" },
+                            last.map_or("none".to_string(), |p| p.display().to_string())
+                        ),
+                    )
+                    .into());
+                }
+                let loss = sums[0] / world.size as f64;
+                let signalled = sums[2] > 0.0;
+                // Gradients of the global batch: the sum over ranks of per-rank means, / ranks.
+                let t_comm = Instant::now();
+                let norm = if world.size > 1 {
+                    send.resize(part.len(), 0.0);
+                    recv.resize(part.len(), 0.0);
+                    be.download(be.view(&state.grads, part.clone()), &mut send);
+                    world.sum_f32(&send, &mut recv);
+                    let reduced = be.upload(&recv);
+                    let mut g = be.view_mut(&mut state.grads, part.clone());
+                    be.copy(be.view(&reduced, 0..part.len()), be.reborrow_mut(&mut g));
+                    be.scale(1.0 / world.size as f32, g);
+                    be.sum_squares(be.view(&state.grads, part.clone())).sqrt()
+                } else {
+                    local_sq.sqrt()
+                };
+                let comm_s = t_comm.elapsed().as_secs_f64();
                 // clip 0 turns clipping off (train/config.rs).
                 if self.cfg.clip > 0.0 && norm > self.cfg.clip {
-                    self.be.scale(
+                    be.scale(
                         (self.cfg.clip / norm) as f32,
-                        self.be.view_mut(&mut state.grads, part.clone()),
+                        be.view_mut(&mut state.grads, part.clone()),
                     );
                 }
                 let lr = self.lr(stage, epoch);
@@ -452,21 +589,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     step: local + 1,
                 };
                 {
-                    let grads = self.be.view(&state.grads, part.clone());
+                    let grads = be.view(&state.grads, part.clone());
                     let (mut pm, mut mm, mut vm) = (
-                        self.be.view_mut(&mut state.params, part.clone()),
-                        self.be.view_mut(&mut state.m, part.clone()),
-                        self.be.view_mut(&mut state.v, part.clone()),
+                        be.view_mut(&mut state.params, part.clone()),
+                        be.view_mut(&mut state.m, part.clone()),
+                        be.view_mut(&mut state.v, part.clone()),
                     );
-                    self.be.adam(
+                    be.adam(
                         &h,
-                        self.be.reborrow_mut(&mut pm),
+                        be.reborrow_mut(&mut pm),
                         grads,
-                        self.be.reborrow_mut(&mut mm),
-                        self.be.reborrow_mut(&mut vm),
+                        be.reborrow_mut(&mut mm),
+                        be.reborrow_mut(&mut vm),
                     );
                 }
-                let compute_s = t1.elapsed().as_secs_f64();
+                let compute_s = t1.elapsed().as_secs_f64() - comm_s;
                 state.step += 1;
                 done_here += 1;
 
@@ -482,19 +619,26 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     loss,
                     lr,
                     grad_norm: norm,
-                    subjects_per_s: subjects.len() as f64 / (data_s + compute_s).max(1e-9),
+                    subjects_per_s: self.cfg.batch as f64
+                        / (maxes[0] + compute_s + comm_s).max(1e-9),
                     data_s,
                     compute_s,
+                    data_wait_s: maxes[0],
+                    comm_s,
+                    // The all-reduce runs after backward: all of it is waited for.
+                    comm_exposed_s: comm_s,
                     val_loss,
                 };
-                writeln!(metrics, "{}", serde_json::to_string(&line)?).with_context(|| {
-                    format!("{}: cannot write metrics.jsonl", self.out.display())
-                })?;
+                if let Some(m) = metrics.as_mut() {
+                    writeln!(m, "{}", serde_json::to_string(&line)?).with_context(|| {
+                        format!("{}: cannot write metrics.jsonl", self.out.display())
+                    })?;
+                }
                 bar.set_position(state.step);
                 bar.set_message(format!("{} loss {loss:.4}", stage.name()));
-                if !self.quiet && (state.step % self.cfg.log_every == 0 || val_loss.is_some()) {
+                if state.step % self.cfg.log_every == 0 || val_loss.is_some() {
                     say(format!(
-                        "step {:>6} {:<7} epoch {:>3} loss {:.5} lr {:.2e} |g| {:.3} {:.2} subj/s data {:.2}s compute {:.2}s{}",
+                        "step {:>6} {:<7} epoch {:>3} loss {:.5} lr {:.2e} |g| {:.3} {:.2} subj/s data {:.2}s compute {:.2}s{}{}",
                         state.step,
                         stage.name(),
                         epoch,
@@ -502,8 +646,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         lr,
                         norm,
                         line.subjects_per_s,
-                        data_s,
+                        maxes[0],
                         compute_s,
+                        if world.size > 1 {
+                            format!(" comm {comm_s:.3}s")
+                        } else {
+                            String::new()
+                        },
                         val_loss.map_or(String::new(), |v| format!(" val {v:.5}"))
                     ));
                 }
@@ -519,22 +668,42 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         stop = self.cfg.patience > 0 && state.stale_epochs >= self.cfg.patience;
                     }
                 }
-                if state.step % self.cfg.checkpoint_every == 0 || state.step == end || stop {
+                if state.step % self.cfg.checkpoint_every == 0
+                    || state.step == end
+                    || stop
+                    || signalled
+                {
                     self.save(
                         &self.out.join(checkpoint::step_file_name(state.step)),
                         stage,
                         state,
                     )?;
-                    checkpoint::prune(&self.out, self.cfg.keep_last)?;
+                    if root {
+                        checkpoint::prune(&self.out, self.cfg.keep_last)?;
+                    }
+                }
+                if signalled {
+                    bar.abandon();
+                    return Err(Collective::new(
+                        world,
+                        EXIT_INTERRUPTED,
+                        format!(
+                            "stopped by a signal after step {}: {} is complete; continue with \
+                             --resume auto (exit status {EXIT_INTERRUPTED})",
+                            state.step,
+                            self.out
+                                .join(checkpoint::step_file_name(state.step))
+                                .display()
+                        ),
+                    )
+                    .into());
                 }
                 if stop {
-                    if !self.quiet {
-                        say(format!(
-                            "{}: early stop after {} epochs without improvement",
-                            stage.name(),
-                            state.stale_epochs
-                        ));
-                    }
+                    say(format!(
+                        "{}: early stop after {} epochs without improvement",
+                        stage.name(),
+                        state.stale_epochs
+                    ));
                     state.step = end;
                     self.save(
                         &self.out.join(checkpoint::step_file_name(state.step)),
@@ -543,7 +712,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     )?;
                 }
             }
-            if stage == *self.plan().last().map(|(s, _)| s).unwrap_or(&stage) {
+            if stage == *plan.last().map(|(s, _)| s).unwrap_or(&stage) {
                 self.save(&self.out.join("final.h5"), stage, state)?;
             }
         }
@@ -556,14 +725,29 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// `mtx-hpc pretrain`: configuration, run folder, resume, then the loop.
+/// `mtx-hpc pretrain` on every rank: the job's world, then [`run_rank`]. An error that not
+/// every rank reaches together ends the whole job from the rank that has it (MPI_Abort), so
+/// nobody is left waiting in a collective.
 pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
-    if let Some(t) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
-            .build_global()
-            .context("cannot set up the worker threads")?;
+    let world = World::init()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGUSR1, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("cannot install the signal handlers")?;
     }
+    match run_rank(args, &world, stop) {
+        Ok(()) => Ok(()),
+        Err(e) if world.size == 1 || e.is::<Collective>() => Err(e),
+        Err(e) => {
+            eprintln!("error on rank {} of {}: {e:#}", world.rank, world.size);
+            world.abort(1)
+        }
+    }
+}
+
+/// The run configuration: the file, then the command line's overrides, validated for this
+/// world (every rank checks alike, so a refusal is collective).
+fn effective_config(args: &crate::cli::PretrainArgs, world: &World) -> Result<RunConfig> {
     let mut cfg = match &args.config {
         Some(p) => RunConfig::load(p)?,
         None => RunConfig::default(),
@@ -590,41 +774,131 @@ pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
     if let Some(s) = args.seed {
         cfg.seed = s;
     }
-    cfg.validate()?;
+    let refuse = |e: anyhow::Error| Collective::new(world, 1, format!("{e:#}"));
+    cfg.validate().map_err(refuse)?;
     if cfg.dropout != 0.0 || cfg.joint_sequence || cfg.trainable_encoder_in_mevp {
-        bail!(
+        return Err(refuse(anyhow::anyhow!(
             "dropout, joint_sequence and trainable_encoder_in_mevp are not implemented yet: \
              leave them at their defaults (0, false, false)"
-        );
+        ))
+        .into());
     }
-    let corpus = Corpus::open(&args.corpus)?;
+    let per = shard::per_rank_batch(cfg.batch, world.size).map_err(refuse)?;
+    if per % 2 != 0 {
+        return Err(refuse(anyhow::anyhow!(
+            "the batch {} over {} ranks gives {per} subjects per rank: it must be even (the \
+             triplet pairs subjects within a rank); use a batch that is an even multiple of \
+             the rank count",
+            cfg.batch,
+            world.size
+        ))
+        .into());
+    }
+    Ok(cfg)
+}
+
+/// Copies the corpus into `dir` once per node (local rank 0; the others wait) unless a copy
+/// with the same checksum is there; returns the copy's path.
+fn stage_corpus(world: &World, corpus: &Path, checksum: &str, dir: &Path) -> Result<PathBuf> {
+    let name = corpus
+        .file_name()
+        .with_context(|| format!("{}: not a file name", corpus.display()))?;
+    let target = dir.join(name);
+    if world.local_rank == 0 {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create the staging folder", dir.display()))?;
+        let fresh = target.exists() && crate::io::file_checksum(&target)? == checksum;
+        if !fresh {
+            let t = Instant::now();
+            let tmp = dir.join(format!(".{}.staging", name.to_string_lossy()));
+            std::fs::copy(corpus, &tmp).with_context(|| {
+                format!("cannot copy {} to {}", corpus.display(), tmp.display())
+            })?;
+            std::fs::rename(&tmp, &target)
+                .with_context(|| format!("{}: cannot rename into place", target.display()))?;
+            println!(
+                "rank {}: staged {} to {} in {:.1} s",
+                world.rank,
+                corpus.display(),
+                target.display(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    world.node_barrier();
+    Ok(target)
+}
+
+/// Worker threads of this rank: SLURM_CPUS_PER_TASK under Slurm, else `--threads`, else the
+/// node's cores shared among its ranks.
+fn threads_per_rank(args: &crate::cli::PretrainArgs, world: &World, slurm: &SlurmEnv) -> usize {
+    slurm
+        .cpus_per_task()
+        .or(args.threads)
+        .unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cores / world.local_size.max(1)
+        })
+        .max(1)
+}
+
+/// Everything one rank does: configuration, run folder (rank 0), resume, the same
+/// parameters on every rank, then the loop.
+fn run_rank(
+    args: &crate::cli::PretrainArgs,
+    world: &World,
+    stop_signal: Arc<AtomicBool>,
+) -> Result<()> {
+    let slurm = SlurmEnv::from_env();
+    let threads = threads_per_rank(args, world, &slurm);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("cannot set up the worker threads")?;
+    let cfg = effective_config(args, world)?;
+    let root = world.is_root();
+    // Rank 0 reads the whole corpus file once for its checksum; the others take it.
+    let mut checksum = match root {
+        true => crate::io::file_checksum(&args.corpus)?.into_bytes(),
+        false => Vec::new(),
+    };
+    world.broadcast_bytes(&mut checksum);
+    let corpus_checksum = String::from_utf8(checksum).context("corpus checksum")?;
+    let corpus_path = match &args.stage_corpus {
+        Some(dir) => stage_corpus(world, &args.corpus, &corpus_checksum, dir)?,
+        None => args.corpus.clone(),
+    };
+    let corpus = Corpus::open(&corpus_path)?;
     let model = cfg.model_config();
     model
         .check_grid(corpus.grid(), corpus.spacing())
         .with_context(|| format!("{}", args.corpus.display()))?;
 
     let out = &args.out;
-    if !out.exists() {
-        std::fs::create_dir(out).with_context(|| {
-            format!(
-                "{}: cannot create the run folder (does its parent exist?)",
+    if root {
+        if !out.exists() {
+            std::fs::create_dir(out).with_context(|| {
+                format!(
+                    "{}: cannot create the run folder (does its parent exist?)",
+                    out.display()
+                )
+            })?;
+        }
+        let holds_run =
+            out.join("config.toml").exists() || checkpoint::latest_complete(out)?.is_some();
+        if holds_run && args.resume.is_none() && !args.force {
+            bail!(
+                "{}: holds another run (config.toml or checkpoints): use --resume auto to \
+                 continue it, --force to start over in it, or another --out",
                 out.display()
-            )
-        })?;
-    }
-    let holds_run = out.join("config.toml").exists() || checkpoint::latest_complete(out)?.is_some();
-    if holds_run && args.resume.is_none() && !args.force {
-        bail!(
-            "{}: holds another run (config.toml or checkpoints): use --resume auto to continue \
-             it, --force to start over in it, or another --out",
-            out.display()
-        );
+            );
+        }
     }
     let layout = Layout::new(&model);
     let trainer = Trainer {
         be: &crate::backend::cpu::Cpu,
         net: Net::new(&model),
-        corpus_checksum: crate::io::file_checksum(&args.corpus)?,
+        corpus_checksum,
         train: corpus.train_indices(),
         val: corpus.val_indices(),
         corpus: &corpus,
@@ -632,11 +906,15 @@ pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
         layout,
         model,
         cfg,
-        // Test hooks, documented in docs/CLI.md's pretrain section: stop as if killed after
-        // N steps; poison the loss of step N.
+        // Test hooks, documented in docs/CLI.md's pretrain section.
         stop_after: env_u64("MTX_TEST_STOP_AFTER"),
         poison_step: env_u64("MTX_TEST_NAN_AT_STEP"),
+        fail_step: env_u64("MTX_TEST_FAIL_AT_STEP"),
+        hook_rank: env_u64("MTX_TEST_RANK").map(|r| r as usize),
+        unreadable: env_u64("MTX_TEST_UNREADABLE_SUBJECT").map(|s| s as usize),
         quiet: false,
+        world,
+        stop_signal,
         cache: Default::default(),
     };
     if trainer.train.len() < trainer.cfg.batch {
@@ -647,11 +925,19 @@ pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
             trainer.train.len()
         );
     }
-    let resume_from = match args.resume.as_deref() {
-        None => None,
-        Some("auto") => checkpoint::latest_complete(out)?,
-        Some(file) => Some(PathBuf::from(file)),
-    };
+    // Rank 0 picks the checkpoint (the folder changes once it writes); every rank reads it.
+    let mut pick = match (root, args.resume.as_deref()) {
+        (true, Some("auto")) => checkpoint::latest_complete(out)?
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        (true, Some(file)) => file.to_string(),
+        _ => String::new(),
+    }
+    .into_bytes();
+    world.barrier();
+    world.broadcast_bytes(&mut pick);
+    let resume_from =
+        (!pick.is_empty()).then(|| PathBuf::from(String::from_utf8_lossy(&pick).as_ref()));
     let mut state = match &resume_from {
         Some(path) => {
             let ckpt = Checkpoint::read(path)?;
@@ -662,11 +948,13 @@ pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
                     args.corpus.display()
                 );
             }
-            println!("resuming from {} (step {})", path.display(), ckpt.meta.step);
+            if root {
+                println!("resuming from {} (step {})", path.display(), ckpt.meta.step);
+            }
             trainer.resume_state(&ckpt)?
         }
         None => {
-            if args.resume.is_some() {
+            if args.resume.is_some() && root {
                 println!(
                     "no complete checkpoint in {}: starting from scratch",
                     out.display()
@@ -687,23 +975,47 @@ pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
         trainer.be.download(&state.params, &mut ours);
         ours[enc.clone()].copy_from_slice(&theirs[enc]);
         state.params = trainer.be.upload(&ours);
-        println!("encoder from {}", path.display());
+        if root {
+            println!("encoder from {}", path.display());
+        }
     }
-    println!("{}", trainer.cfg.table()?);
-    println!(
-        "corpus {}: {} training, {} validation subjects; {} steps per epoch; {} steps per stage",
-        args.corpus.display(),
-        trainer.train.len(),
-        trainer.val.len(),
-        trainer.steps_per_epoch(),
-        trainer.stage_steps()
-    );
-    trainer.cfg.save(&out.join("config.toml"))?;
+    // Every rank starts from rank 0's parameters and moments.
+    if world.size > 1 {
+        let n = trainer.layout.total();
+        for buf in [&mut state.params, &mut state.m, &mut state.v] {
+            let mut host = vec![0.0f32; n];
+            trainer.be.download(trainer.be.view(buf, 0..n), &mut host);
+            world.broadcast_f32(&mut host);
+            *buf = trainer.be.upload(&host);
+        }
+    }
+    if root {
+        if let Some(job) = slurm.describe() {
+            println!("{job}");
+        }
+        println!(
+            "{} rank(s), {threads} thread(s) per rank, per-rank batch {}",
+            world.size,
+            trainer.cfg.batch / world.size
+        );
+        println!("{}", trainer.cfg.table()?);
+        println!(
+            "corpus {}: {} training, {} validation subjects; {} steps per epoch; {} steps per stage",
+            args.corpus.display(),
+            trainer.train.len(),
+            trainer.val.len(),
+            trainer.steps_per_epoch(),
+            trainer.stage_steps()
+        );
+        trainer.cfg.save(&out.join("config.toml"))?;
+    }
     trainer.run(&mut state)?;
-    println!(
-        "done: step {}; checkpoints in {}",
-        state.step,
-        out.display()
-    );
+    if root {
+        println!(
+            "done: step {}; checkpoints in {}",
+            state.step,
+            out.display()
+        );
+    }
     Ok(())
 }
