@@ -174,3 +174,48 @@ fn triplet_gradients_match_finite_differences() {
 fn mevp_gradients_match_finite_differences() {
     check_stage(false);
 }
+
+/// A pair of all-background subjects adds nothing to the triplet loss or gradient: the batch
+/// [blank, blank, A, B] gives half (their rows are half the batch's) of what [A, B] gives.
+#[test]
+fn blank_slices_count_zero_in_the_triplet_loss() {
+    let s = setup();
+    let be = Cpu64;
+    let per: usize = s.cfg.grid.iter().product();
+    let pair = volumes(s.cfg.grid, 2, 1);
+    let curve = |v: &[f32]| v.iter().map(|x| x.powf(1.5)).collect::<Vec<f32>>();
+    let mut four = vec![0.0f32; 2 * per];
+    four.extend_from_slice(&pair);
+    let run = |vols: &[f32], b: usize| {
+        let mut g = vec![0.0f64; s.params.len()];
+        let loss = objective::triplet(
+            &be,
+            &s.net,
+            &s.params,
+            Some(&mut g),
+            &s.layout,
+            vols,
+            &curve(vols),
+            b,
+            MARGIN,
+        );
+        (loss, g)
+    };
+    let (l2, g2) = run(&pair, 2);
+    let (l4, g4) = run(&four, 4);
+    assert!(
+        l2 > 0.0 && (l4 - 0.5 * l2).abs() <= 1e-12 * l2,
+        "{l4} vs {l2} / 2"
+    );
+    let norm: f64 = g2.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let diff: f64 = g4
+        .iter()
+        .zip(&g2)
+        .map(|(a, b)| (a - 0.5 * b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        norm > 0.0 && diff <= 1e-12 * norm,
+        "gradient differs by {diff} (norm {norm})"
+    );
+}

@@ -342,8 +342,13 @@ class MedicalTransformer:
             neg = a[pair]
             d_ap = ((a - p + eps) ** 2).sum(-1).sqrt()
             d_an = ((a - neg + eps) ** 2).sum(-1).sqrt()
+            # Rows whose anchor or negative slice is all background count 0 (as in
+            # src/model/objective.rs: their gradient is instance-norm-amplified noise).
+            s = plane_slices(anchors, plane)
+            flat = (s.flatten(1).amax(1) == s.flatten(1).amin(1))
+            keep = (~flat & ~flat[pair]).to(a.dtype)
             # relu, not clamp: its gradient at exactly 0 is 0, as the Rust hinge's.
-            loss = F.relu(d_ap - d_an + f32(margin)).mean()
+            loss = (F.relu(d_ap - d_an + f32(margin)) * keep).mean()
             per[plane] = loss
             total = total + loss
         return total, per

@@ -162,9 +162,30 @@ pub fn mevp<B: Backend>(
     total
 }
 
+/// Which slices of plane `plane` of `b` subjects hold one value only (all background).
+fn flat_slices(grid: [usize; 3], plane: Plane, volumes: &[f32], b: usize) -> Vec<bool> {
+    let per = grid.iter().product::<usize>();
+    let (_, h, w) = plane.geometry(grid);
+    let mut host = Vec::new();
+    for s in 0..b {
+        plane.extract(&volumes[s * per..(s + 1) * per], grid, &mut host);
+    }
+    host.chunks(h * w)
+        .map(|c| c.iter().all(|&x| x == c[0]))
+        .collect()
+}
+
 /// Triplet loss of `b` subjects (sum over planes of the mean over slices): anchor = a slice,
 /// positive = the same slice of `positives` (the anchor volume after an intensity curve),
 /// negative = the same slice of the paired subject (2k <-> 2k+1). `b` must be even.
+///
+/// A triple whose anchor or negative slice is all background (one value) counts 0 and sends
+/// no gradient. Its true loss is the constant margin (anchor, positive and negative are the
+/// same image) with zero gradient, but the computed one is not: instance norm over the
+/// encoder's near-zero maps of a blank slice multiplies rounding noise by up to
+/// 1/sqrt(eps) = 316 per norm. At the tiny preset that noise took the gradient norm from 5.8
+/// at step 1 to 418 at step 2, and clipping then shrank the real gradient to nothing
+/// (docs/ARCHITECTURE.md, "Blank slices").
 pub fn triplet<B: Backend>(
     be: &B,
     net: &Net,
@@ -195,26 +216,45 @@ pub fn triplet<B: Backend>(
         let pair: Vec<u32> = (0..rows)
             .map(|r| (((r / n) ^ 1) * n + r % n) as u32)
             .collect();
-        let mut neg = be.zeros(rows * d);
-        be.gather_rows(d, &pair, all(be, &a), all_mut(be, &mut neg));
+        let flat = flat_slices(net.grid, plane, anchors, b);
+        let (kept, negs): (Vec<u32>, Vec<u32>) = (0..rows)
+            .filter(|&r| !flat[r] && !flat[pair[r] as usize])
+            .map(|r| (r as u32, pair[r]))
+            .unzip();
+        if kept.is_empty() {
+            continue;
+        }
+        let m = kept.len();
+        let gather = |rows: &[u32], x: &B::Buf| {
+            let mut y = be.zeros(m * d);
+            be.gather_rows(d, rows, all(be, x), all_mut(be, &mut y));
+            y
+        };
+        let (ka, kp, kn) = (gather(&kept, &a), gather(&kept, &p), gather(&negs, &a));
         let mut loss = be.zeros(1);
-        let (mut da, mut dp, mut dn) = (be.zeros(rows * d), be.zeros(rows * d), be.zeros(rows * d));
+        let (mut dka, mut dkp, mut dkn) = (be.zeros(m * d), be.zeros(m * d), be.zeros(m * d));
+        // The mean over all `rows` slices, the skipped ones counting 0: per-rank means over
+        // equal row counts then average to the global batch's exactly.
+        let share = m as f64 / rows as f64;
         be.triplet(
-            rows,
+            m,
             d,
             margin,
-            1.0,
-            all(be, &a),
-            all(be, &p),
-            all(be, &neg),
+            share as f32,
+            all(be, &ka),
+            all(be, &kp),
+            all(be, &kn),
             all_mut(be, &mut loss),
-            all_mut(be, &mut da),
-            all_mut(be, &mut dp),
-            all_mut(be, &mut dn),
+            all_mut(be, &mut dka),
+            all_mut(be, &mut dkp),
+            all_mut(be, &mut dkn),
         );
-        total += scalar(be, &loss);
+        total += scalar(be, &loss) * share;
         if let Some(grads) = grads.as_deref_mut() {
-            be.scatter_add_rows(d, &pair, all(be, &dn), all_mut(be, &mut da));
+            let (mut da, mut dp) = (be.zeros(rows * d), be.zeros(rows * d));
+            be.scatter_add_rows(d, &kept, all(be, &dka), all_mut(be, &mut da));
+            be.scatter_add_rows(d, &negs, all(be, &dkn), all_mut(be, &mut da));
+            be.scatter_add_rows(d, &kept, all(be, &dkp), all_mut(be, &mut dp));
             encoder::backward(be, &net.encoder, params, grads, idx, &tape_a, all(be, &da));
             encoder::backward(be, &net.encoder, params, grads, idx, &tape_p, all(be, &dp));
         }
