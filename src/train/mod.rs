@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod pretrain;
+pub mod scaling;
 
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use config::{RunConfig, Stage, Stages};
