@@ -124,6 +124,14 @@ write_conf() {
     cpus=${MTX_SLURM_CPUS:-8}
     ctld_port=${MTX_SLURM_CTLD_PORT:-$(free_port 16817)}
     slurmd_port=${MTX_SLURM_SLURMD_PORT:-$(free_port $((ctld_port + 1)) "$ctld_port")}
+    # A busy port would connect our clients and slurmd to another instance's slurmctld.
+    local p
+    for p in "$ctld_port" "$slurmd_port"; do
+        if port_busy "$p"; then
+            log "port $p is in use (another Slurm?): choose other MTX_SLURM_*_PORT values"
+            exit 1
+        fi
+    done
     # Distinct job ids per instance: PMIx and spool paths carry the job id.
     first_job=$(((RANDOM % 30000 + 1) * 1000))
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" "$DIR/tmp"
