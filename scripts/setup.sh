@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything mtx-hpc needs on Debian 12 (as root), idempotently:
 #   - Debian packages: OpenMPI, HDF5, libclang (rsmpi's bindgen), pkg-config, the Colin27
-#     template (mricron-data), h5dump;
+#     template (mricron-data), h5dump, and Slurm + munge for tests/slurm.rs (installed only,
+#     not started: scripts/slurm.sh starts a private instance);
 #   - a Python virtual environment in .venv with what the tests and benchmarks use
 #     (numpy, scipy, nibabel, h5py, the MNI152 template from the nilearn wheel);
 #   - the release binary, target/release/mtx-hpc.
@@ -10,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libclang-dev pkg-config
-    mricron-data python3-venv ca-certificates)
+    mricron-data python3-venv ca-certificates slurmctld slurmd slurm-client munge)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -38,6 +38,7 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     Step(BenchStepArgs),
+    Scaling(crate::train::scaling::ScalingArgs),
 }
 
 /// Time optimizer steps of one stage on random volumes (no corpus needed).
@@ -293,6 +294,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => crate::data::inspect::run(a),
         Command::Pretrain(a) => crate::train::pretrain::run(a),
         Command::Bench(BenchCommand::Step(a)) => crate::train::bench::run(a),
+        Command::Bench(BenchCommand::Scaling(a)) => crate::train::scaling::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod prefetch;
 pub mod pretrain;
+pub mod scaling;
 
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use config::{RunConfig, Stage, Stages};
