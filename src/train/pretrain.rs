@@ -461,6 +461,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         };
         // Host staging of the gradients for MPI, kept for the whole run.
         let (mut send, mut recv) = (Vec::new(), Vec::new());
+        // This rank's seconds waiting for data, and in whole steps, reported at the end.
+        let (mut waited, mut stepped) = (0.0f64, 0.0f64);
         for &(stage, start) in &plan {
             let end = start + total;
             if state.step >= end {
@@ -604,6 +606,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     );
                 }
                 let compute_s = t1.elapsed().as_secs_f64() - comm_s;
+                waited += data_s;
+                stepped += data_s + t1.elapsed().as_secs_f64();
                 state.step += 1;
                 done_here += 1;
 
@@ -717,7 +721,24 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
         }
         bar.finish();
+        self.report_waits(waited, stepped, &say);
         Ok(())
+    }
+
+    /// One line per rank (from rank 0): its time waiting for data, as a share of its steps.
+    fn report_waits(&self, waited: f64, stepped: f64, say: &dyn Fn(String)) {
+        let n = self.world.size;
+        let mut all = vec![0.0; 2 * n];
+        all[2 * self.world.rank] = waited;
+        all[2 * self.world.rank + 1] = stepped;
+        self.world.all_reduce_f64(&mut all, Op::Sum);
+        for r in 0..n {
+            let (w, s) = (all[2 * r], all[2 * r + 1]);
+            say(format!(
+                "rank {r}: waited {w:.2} s for data over {s:.1} s of steps ({:.2} %)",
+                100.0 * w / s.max(1e-9)
+            ));
+        }
     }
 }
 
