@@ -122,6 +122,8 @@ extern "C" __global__ void layer_norm_backward(
     extern __shared__ double acc[];
     const int lane = threadIdx.x;
     for (int j = lane; j < 2 * d; j += 32) acc[j] = 0.0;
+    // Column j is accumulated by lane j % 32, but acc[d + j] was zeroed by lane (d + j) % 32.
+    __syncwarp();
     const i64 r0 = (i64)blockIdx.x * rows_per_block;
     const i64 r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
     for (i64 row = r0; row < r1; ++row) {

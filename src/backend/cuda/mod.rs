@@ -165,7 +165,7 @@ pub struct Cuda {
     functions: HashMap<&'static str, CudaFunction>,
     scratch: Mutex<Scratch>,
     info: CudaInfo,
-    _ctx: Arc<CudaContext>,
+    ctx: Arc<CudaContext>,
 }
 
 /// Launches kernel `$name` with `$cfg` and the arguments in order. Every argument is bound
@@ -302,7 +302,7 @@ impl Cuda {
                 compute_capability: (major, minor),
                 tf32: opts.tf32,
             },
-            _ctx: ctx,
+            ctx,
         })
     }
 
@@ -313,6 +313,12 @@ impl Cuda {
     /// Waits until every queued operation has finished (for timing).
     pub fn synchronize(&self) {
         ok(self.stream.synchronize(), "stream synchronize");
+    }
+
+    /// Makes the device's context current on the calling thread, for the raw driver and
+    /// cuBLAS calls (cudarc's launches do this themselves).
+    fn bind(&self) {
+        ok(self.ctx.bind_to_thread(), "binding the CUDA context");
     }
 
     fn function(&self, name: &str) -> &CudaFunction {
@@ -329,6 +335,7 @@ impl Cuda {
     fn upload_rows(&self, sc: &mut Scratch, rows: &[u32]) -> u64 {
         let ptr = scratch_slot(&self.stream, &mut sc.u32s, rows.len());
         if !rows.is_empty() {
+            self.bind();
             // SAFETY: the scratch holds at least rows.len() values; a pageable host source is
             // copied before the call returns.
             ok(
@@ -350,6 +357,7 @@ impl Cuda {
             Err(e) => panic!("{e}"),
         };
         let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        self.bind();
         // SAFETY: blas_gemm checked every operand against its view's length.
         let r = unsafe {
             cudarc::cublas::result::sgemm_strided_batched(
@@ -451,6 +459,7 @@ impl Backend for Cuda {
 
     fn download(&self, buf: DeviceView<'_>, host: &mut [f32]) {
         let n = buf.len().min(host.len());
+        self.bind();
         if n > 0 {
             // SAFETY: the view holds at least n values; synchronised before returning.
             ok(
@@ -540,6 +549,7 @@ impl Backend for Cuda {
         if src.is_empty() {
             return;
         }
+        self.bind();
         // SAFETY: both views hold src.len() values.
         ok(
             unsafe {
@@ -1249,6 +1259,7 @@ impl Backend for Cuda {
         launch!(self, "sum_partials", cfg_1d(1, kernels::REDUCE_THREADS, 0);
             partials, i64_of(blocks), 1.0f64, out);
         let mut host = [0.0f64];
+        self.bind();
         // SAFETY: `out` is one f64 inside the scratch; synchronised before reading.
         ok(
             unsafe {
