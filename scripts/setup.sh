@@ -4,7 +4,8 @@
 #     template (mricron-data), h5dump, and Slurm + munge for tests/slurm.rs (installed only,
 #     not started: scripts/slurm.sh starts a private instance);
 #   - a Python virtual environment in .venv with what the tests and benchmarks use
-#     (numpy, scipy, nibabel, h5py, the MNI152 template from the nilearn wheel);
+#     (numpy, scipy, nibabel, h5py, the MNI152 template from the nilearn wheel) and the
+#     CUDA 13.0 compilers for the kernel check (NVRTC and ptxas wheels; no GPU needed);
 #   - the release binary, target/release/mtx-hpc.
 # Set MTX_SKIP_BUILD=1 to skip the cargo build.
 set -euo pipefail
@@ -40,6 +41,18 @@ if [ ! -f "$PY_STAMP" ]; then
     # Only the MNI152 2009a template is needed from nilearn: no dependencies.
     .venv/bin/pip install -q --disable-pip-version-check --no-deps "nilearn==0.14.*"
     touch "$PY_STAMP"
+fi
+
+# NVRTC and ptxas for tests/kernels_compile.rs, pinned to the GPU machine's CUDA 13.0
+# (docs/CUDA.md). nvidia-cuda-nvcc pulls its dependencies (runtime, crt, nvvm) unpinned at the
+# newest release: pin them to 13.0 too, or ptxas and NVRTC come from different releases.
+CUDA_STAMP=.venv/.mtx-cuda-13.0-v1
+if [ ! -f "$CUDA_STAMP" ]; then
+    echo "setup: installing the CUDA 13.0 NVRTC and ptxas wheels into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check \
+        "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-nvcc==13.0.*" \
+        "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*"
+    touch "$CUDA_STAMP"
 fi
 
 if [ "${MTX_SKIP_BUILD:-0}" != 1 ]; then

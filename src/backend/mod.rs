@@ -1,6 +1,6 @@
 //! The backend: device buffers and the ops the model needs. The model is written once against
-//! [`Backend`]; `cpu` is the reference (and the finite-difference oracle), `cuda` (a later
-//! issue) implements the same trait with cuBLAS and our kernels.
+//! [`Backend`]; `cpu` is the reference (and the finite-difference oracle), `cuda` (behind the
+//! `cuda` feature) implements the same trait with cuBLAS and our kernels; `device` picks one.
 //!
 //! Conventions, shared by every implementation:
 //! - tensors are f32, row-major; images are NCHW (`[n, c, h, w]`), sequences `[b, t, d]`;
@@ -10,6 +10,9 @@
 //! - reductions run in a fixed order (fixed chunks combined in a fixed order), so results do
 //!   not depend on the thread count.
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 
 use std::ops::Range;
 

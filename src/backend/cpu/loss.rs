@@ -5,7 +5,7 @@ use super::Real;
 
 /// PyTorch's `pairwise_distance` epsilon: `||x - y + eps||` is never 0, so `x == y` gives a
 /// finite gradient instead of 0/0.
-const PAIRWISE_EPS: f32 = 1e-6;
+pub(crate) const PAIRWISE_EPS: f32 = 1e-6;
 
 /// `mean((pred - target)^2)`; writes `dpred = 2 (pred - target) / len * scale`.
 pub fn mse<T: Real>(scale: f32, pred: &[T], target: &[T], dpred: &mut [T]) -> T {
