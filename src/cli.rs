@@ -247,9 +247,13 @@ pub struct PretrainArgs {
     /// Seed of every random draw.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Where to compute (only cpu for now).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
-    pub device: String,
+    /// Where to compute: auto takes a CUDA GPU (GPU local_rank % visible count) when a driver
+    /// and a GPU are present, else the CPU with a notice; cuda without one is an error.
+    #[arg(long, value_enum, default_value_t = crate::backend::device::DeviceRequest::Auto)]
+    pub device: crate::backend::device::DeviceRequest,
+    /// With a CUDA GPU: let cuBLAS use TF32 tensor cores for f32 GEMMs (faster, ~1e-3 error).
+    #[arg(long)]
+    pub tf32: bool,
     /// Continue from the newest complete checkpoint in RUN_DIR (auto) or from a file.
     #[arg(long)]
     pub resume: Option<String>,

@@ -756,13 +756,36 @@ pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("cannot install the signal handlers")?;
     }
-    match run_rank(args, &world, stop) {
+    match on_device(args, &world, stop) {
         Ok(()) => Ok(()),
         Err(e) if world.size == 1 || e.is::<Collective>() => Err(e),
         Err(e) => {
             eprintln!("error on rank {} of {}: {e:#}", world.rank, world.size);
             world.abort(1)
         }
+    }
+}
+
+/// Picks this rank's device (`--device`), then runs on it.
+fn on_device(args: &crate::cli::PretrainArgs, world: &World, stop: Arc<AtomicBool>) -> Result<()> {
+    use crate::backend::device::{self, Device};
+    let chosen = device::resolve(args.device, world.local_rank)?;
+    if let (Some(notice), true) = (&chosen.notice, world.is_root()) {
+        println!("{notice}");
+    }
+    match chosen.device {
+        Device::Cpu => run_rank(&crate::backend::cpu::Cpu, args, world, stop),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, name, .. } => {
+            let be = crate::backend::cuda::Cuda::new(
+                ordinal,
+                crate::backend::cuda::CudaOptions { tf32: args.tf32 },
+            )?;
+            println!("{}: GPU {ordinal} ({name})", world.describe());
+            run_rank(&be, args, world, stop)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => bail!("this binary was built without the `cuda` feature"),
     }
 }
 
@@ -865,7 +888,8 @@ fn threads_per_rank(args: &crate::cli::PretrainArgs, world: &World, slurm: &Slur
 
 /// Everything one rank does: configuration, run folder (rank 0), resume, the same
 /// parameters on every rank, then the loop.
-fn run_rank(
+fn run_rank<B: Backend>(
+    be: &B,
     args: &crate::cli::PretrainArgs,
     world: &World,
     stop_signal: Arc<AtomicBool>,
@@ -917,7 +941,7 @@ fn run_rank(
     }
     let layout = Layout::new(&model);
     let trainer = Trainer {
-        be: &crate::backend::cpu::Cpu,
+        be,
         net: Net::new(&model),
         corpus_checksum,
         train: corpus.train_indices(),
@@ -993,7 +1017,10 @@ fn run_rank(
         let theirs = ckpt.read_params(&trainer.layout)?;
         let enc = trainer.layout.part_range(Part::Encoder);
         let mut ours = vec![0.0f32; trainer.layout.total()];
-        trainer.be.download(&state.params, &mut ours);
+        let n = ours.len();
+        trainer
+            .be
+            .download(trainer.be.view(&state.params, 0..n), &mut ours);
         ours[enc.clone()].copy_from_slice(&theirs[enc]);
         state.params = trainer.be.upload(&ours);
         if root {
