@@ -349,6 +349,75 @@ impl World {
     }
 }
 
+/// A thread that sums f32 buffers over all ranks, one job at a time in the order sent, so the
+/// caller can go on computing while a reduction runs. The caller must not call MPI itself
+/// between sending a job and receiving its result (the library runs at thread level
+/// Serialized).
+pub struct CommThread {
+    tx: Option<std::sync::mpsc::Sender<(usize, Vec<f32>)>>,
+    rx: std::sync::mpsc::Receiver<(usize, Vec<f32>, f64)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CommThread {
+    /// Queues the sum over ranks of `data`; job `id` comes back from [`CommThread::recv`].
+    pub fn send(&self, id: usize, data: Vec<f32>) {
+        self.tx
+            .as_ref()
+            .expect("open until drop")
+            .send((id, data))
+            .expect("the reduction thread ended");
+    }
+
+    /// The next finished job: its id, the summed data and the seconds the reduction took.
+    pub fn recv(&self) -> (usize, Vec<f32>, f64) {
+        self.rx.recv().expect("the reduction thread ended")
+    }
+}
+
+impl Drop for CommThread {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl World {
+    /// A reduction thread over this world, or None for a world of one.
+    pub fn comm_thread(&self) -> Option<CommThread> {
+        #[cfg(feature = "mpi")]
+        if self.mpi.is_some() && self.size > 1 {
+            let (tx, jobs) = std::sync::mpsc::channel::<(usize, Vec<f32>)>();
+            let (done, rx) = std::sync::mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name("allreduce".into())
+                .spawn(move || {
+                    use mpi::collective::{CommunicatorCollectives, SystemOperation};
+                    let world = mpi::topology::SimpleCommunicator::world();
+                    let mut sum = Vec::new();
+                    for (id, mut data) in jobs {
+                        let t = std::time::Instant::now();
+                        sum.resize(data.len(), 0.0f32);
+                        world.all_reduce_into(&data[..], &mut sum[..], SystemOperation::sum());
+                        std::mem::swap(&mut data, &mut sum);
+                        if done.send((id, data, t.elapsed().as_secs_f64())).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .expect("cannot start the reduction thread");
+            return Some(CommThread {
+                tx: Some(tx),
+                rx,
+                thread: Some(thread),
+            });
+        }
+        None
+    }
+}
+
 /// A panic on one rank would leave the others in a collective: print it, then MPI_Abort.
 #[cfg(feature = "mpi")]
 fn install_abort_on_panic() {

@@ -148,6 +148,9 @@ pub fn mevp<B: Backend>(
         if let Some(grads) = grads.as_deref_mut() {
             let mut dout = be.zeros(b * n * d);
             be.scatter_add_rows(d, &rows, all(be, &dpred), all_mut(be, &mut dout));
+            if plane == Plane::Coronal {
+                idx.last_pass();
+            }
             transformer::backward(
                 be,
                 &net.transformer,
@@ -256,6 +259,9 @@ pub fn triplet<B: Backend>(
             be.scatter_add_rows(d, &negs, all(be, &dkn), all_mut(be, &mut da));
             be.scatter_add_rows(d, &kept, all(be, &dkp), all_mut(be, &mut dp));
             encoder::backward(be, &net.encoder, params, grads, idx, &tape_a, all(be, &da));
+            if plane == Plane::Coronal {
+                idx.last_pass();
+            }
             encoder::backward(be, &net.encoder, params, grads, idx, &tape_p, all(be, &dp));
         }
     }

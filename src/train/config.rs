@@ -88,6 +88,8 @@ pub struct RunConfig {
     /// Keep each subject's encoder vectors in memory during MEVP: the encoder is frozen, so
     /// they never change and later epochs skip the encoder (bit-identical results).
     pub cache_targets: bool,
+    /// Size of the gradient buckets summed over ranks while backward runs, in KiB.
+    pub allreduce_bucket_kb: usize,
 }
 
 impl Default for RunConfig {
@@ -117,6 +119,7 @@ impl Default for RunConfig {
             margin: 1.0,
             mask_fraction: 0.1,
             cache_targets: true,
+            allreduce_bucket_kb: 1024,
         }
     }
 }
@@ -209,6 +212,9 @@ be even",
             if v == 0 {
                 bail!("{name} must be at least 1");
             }
+        }
+        if self.allreduce_bucket_kb == 0 {
+            bail!("allreduce_bucket_kb must be at least 1");
         }
         if !(self.mask_fraction > 0.0 && self.mask_fraction < 1.0) {
             bail!("mask_fraction {} must be in (0, 1)", self.mask_fraction);
@@ -347,6 +353,7 @@ mod tests {
             "margin",
             "mask_fraction",
             "cache_targets",
+            "allreduce_bucket_kb",
         ];
         assert_eq!(t.lines().count(), keys.len() + 1, "{t}");
         for k in keys {

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod overlap;
 pub mod prefetch;
 pub mod pretrain;
 pub mod scaling;

@@ -4,6 +4,7 @@
 //! uninterrupted one bit for bit without saving any RNG state.
 use super::checkpoint::{self, Checkpoint, CheckpointMeta};
 use super::config::{RunConfig, Stage, Stages};
+use super::overlap::Overlap;
 use super::prefetch::{self, Prefetch};
 use crate::backend::{Adam, Backend};
 use crate::data::corpus::Corpus;
@@ -14,6 +15,7 @@ use crate::model::config::ModelConfig;
 use crate::model::init;
 use crate::model::layout::{Layout, Part};
 use crate::model::objective::{self, Masks, Net};
+use crate::model::params::ParamIndex;
 use crate::model::planes::Plane;
 use crate::rng;
 use anyhow::{Context, Result, bail};
@@ -60,6 +62,8 @@ struct Metrics<'a> {
     /// Gradient all-reduce time, and the part of it the step waited for.
     comm_s: f64,
     comm_exposed_s: f64,
+    /// Gradient buckets whose all-reduce started before backward ended.
+    comm_buckets_early: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     val_loss: Option<f64>,
 }
@@ -247,6 +251,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// The loss of one batch; gradients accumulate into `grads` when given.
     fn batch_loss(
         &self,
+        idx: &impl ParamIndex,
         stage: Stage,
         params: &B::Buf,
         grads: Option<&mut B::Buf>,
@@ -265,7 +270,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     &self.net,
                     params,
                     grads,
-                    &self.layout,
+                    idx,
                     volumes,
                     &positives,
                     b,
@@ -277,15 +282,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 let targets = self.targets(params, subjects, volumes);
                 let masks = self.masks(subjects, epoch_key, purpose);
                 objective::mevp(
-                    self.be,
-                    &self.net,
-                    params,
-                    grads,
-                    &self.layout,
-                    &targets,
-                    tokens,
-                    pos,
-                    &masks,
+                    self.be, &self.net, params, grads, idx, &targets, tokens, pos, &masks,
                 )
             }
         }
@@ -357,6 +354,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             if !mine.is_empty() {
                 let volumes = self.read_volumes(mine)?;
                 let loss = self.batch_loss(
+                    &self.layout,
                     stage,
                     params,
                     None,
@@ -459,8 +457,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 bar.println(line);
             }
         };
-        // Host staging of the gradients for MPI, kept for the whole run.
-        let (mut send, mut recv) = (Vec::new(), Vec::new());
+        // The reduction thread of the gradient buckets (None for a world of one).
+        let comm = world.comm_thread();
         // This rank's seconds waiting for data, and in whole steps, reported at the end.
         let (mut waited, mut stepped) = (0.0f64, 0.0f64);
         for &(stage, start) in &plan {
@@ -490,16 +488,35 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 let (subjects, volumes) = (batch.subjects, batch.volumes);
                 let t1 = Instant::now();
                 be.fill(be.view_mut(&mut state.grads, part.clone()), 0.0);
-                let mut loss = self.batch_loss(
-                    stage,
-                    &state.params,
-                    Some(&mut state.grads),
-                    &subjects,
-                    &volumes,
-                    epoch,
-                    "mask",
-                    consts.as_ref(),
-                );
+                // With several ranks the gradient's buckets are summed while backward runs.
+                let overlap = comm.as_ref().map(|c| {
+                    let floats = self.cfg.allreduce_bucket_kb * 1024 / 4;
+                    Overlap::new(&self.layout, c, part.clone(), floats)
+                });
+                let mut loss = match &overlap {
+                    Some(o) => self.batch_loss(
+                        o,
+                        stage,
+                        &state.params,
+                        Some(&mut state.grads),
+                        &subjects,
+                        &volumes,
+                        epoch,
+                        "mask",
+                        consts.as_ref(),
+                    ),
+                    None => self.batch_loss(
+                        &self.layout,
+                        stage,
+                        &state.params,
+                        Some(&mut state.grads),
+                        &subjects,
+                        &volumes,
+                        epoch,
+                        "mask",
+                        consts.as_ref(),
+                    ),
+                };
                 if self.hooked() && self.poison_step == Some(state.step + 1) {
                     loss = f64::NAN;
                 }
@@ -509,10 +526,20 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         state.step + 1
                     );
                 }
-                // Each rank checks its own values before they are mixed, so the message can
-                // name the rank. One small reduction carries every per-step decision.
-                let local_sq = be.sum_squares(be.view(&state.grads, part.clone()));
-                let bad = !loss.is_finite() || !local_sq.is_finite();
+                // Each rank checks its own values before they are mixed (the buckets as they
+                // leave), so the message can name the rank; one small reduction then carries
+                // every per-step decision.
+                let (grad_bad, times, local_sq) = match &overlap {
+                    Some(o) => {
+                        let (bad, times) = o.finish(be, &mut state.grads);
+                        (bad, times, 0.0)
+                    }
+                    None => {
+                        let sq = be.sum_squares(be.view(&state.grads, part.clone()));
+                        (!sq.is_finite(), Default::default(), sq)
+                    }
+                };
+                let bad = !loss.is_finite() || grad_bad;
                 let mut sums = [
                     loss,
                     f64::from(u8::from(bad)),
@@ -528,10 +555,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 world.all_reduce_f64(&mut maxes, Op::Max);
                 if sums[1] > 0.0 {
                     let rank = -maxes[1];
-                    let what = match (loss.is_finite(), local_sq.is_finite()) {
-                        (false, _) => format!("loss {loss}"),
-                        (true, false) => format!("gradient norm {}", local_sq.sqrt()),
-                        _ => "value".to_string(),
+                    let what = if loss.is_finite() {
+                        "a non-finite gradient".to_string()
+                    } else {
+                        format!("loss {loss}")
                     };
                     let last = checkpoint::latest_complete(&self.out)?;
                     let on_rank = if world.size > 1 {
@@ -559,21 +586,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 let loss = sums[0] / world.size as f64;
                 let signalled = sums[2] > 0.0;
                 // Gradients of the global batch: the sum over ranks of per-rank means, / ranks.
-                let t_comm = Instant::now();
-                let norm = if world.size > 1 {
-                    send.resize(part.len(), 0.0);
-                    recv.resize(part.len(), 0.0);
-                    be.download(be.view(&state.grads, part.clone()), &mut send);
-                    world.sum_f32(&send, &mut recv);
-                    let reduced = be.upload(&recv);
-                    let mut g = be.view_mut(&mut state.grads, part.clone());
-                    be.copy(be.view(&reduced, 0..part.len()), be.reborrow_mut(&mut g));
-                    be.scale(1.0 / world.size as f32, g);
+                let norm = if overlap.is_some() {
+                    be.scale(
+                        1.0 / world.size as f32,
+                        be.view_mut(&mut state.grads, part.clone()),
+                    );
                     be.sum_squares(be.view(&state.grads, part.clone())).sqrt()
                 } else {
                     local_sq.sqrt()
                 };
-                let comm_s = t_comm.elapsed().as_secs_f64();
+                let (comm_s, comm_exposed_s) = (times.comm_s, times.exposed_s);
+                let comm_buckets_early = times.early;
                 // clip 0 turns clipping off (train/config.rs).
                 if self.cfg.clip > 0.0 && norm > self.cfg.clip {
                     be.scale(
@@ -605,7 +628,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         be.reborrow_mut(&mut vm),
                     );
                 }
-                let compute_s = t1.elapsed().as_secs_f64() - comm_s;
+                let compute_s = t1.elapsed().as_secs_f64() - comm_exposed_s;
                 waited += data_s;
                 stepped += data_s + t1.elapsed().as_secs_f64();
                 state.step += 1;
@@ -624,13 +647,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     lr,
                     grad_norm: norm,
                     subjects_per_s: self.cfg.batch as f64
-                        / (maxes[0] + compute_s + comm_s).max(1e-9),
+                        / (maxes[0] + compute_s + comm_exposed_s).max(1e-9),
                     data_s,
                     compute_s,
                     data_wait_s: maxes[0],
                     comm_s,
-                    // The all-reduce runs after backward: all of it is waited for.
-                    comm_exposed_s: comm_s,
+                    comm_exposed_s,
+                    comm_buckets_early,
                     val_loss,
                 };
                 if let Some(m) = metrics.as_mut() {
@@ -653,7 +676,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         maxes[0],
                         compute_s,
                         if world.size > 1 {
-                            format!(" comm {comm_s:.3}s")
+                            format!(" comm {comm_s:.3}s ({comm_exposed_s:.3}s exposed)")
                         } else {
                             String::new()
                         },
