@@ -400,7 +400,23 @@ impl World {
                     for (id, mut data) in jobs {
                         let t = std::time::Instant::now();
                         sum.resize(data.len(), 0.0f32);
-                        world.all_reduce_into(&data[..], &mut sum[..], SystemOperation::sum());
+                        // Non-blocking, polled with short sleeps: a blocking all-reduce
+                        // busy-waits for the slowest rank on the core this rank computes on.
+                        mpi::request::scope(|scope| {
+                            let mut req = world.immediate_all_reduce_into(
+                                scope,
+                                &data[..],
+                                &mut sum[..],
+                                SystemOperation::sum(),
+                            );
+                            loop {
+                                match req.test() {
+                                    Ok(_) => break,
+                                    Err(pending) => req = pending,
+                                }
+                                std::thread::sleep(std::time::Duration::from_micros(200));
+                            }
+                        });
                         std::mem::swap(&mut data, &mut sum);
                         if done.send((id, data, t.elapsed().as_secs_f64())).is_err() {
                             return;
