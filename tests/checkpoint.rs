@@ -343,17 +343,20 @@ fn inspect_shows_a_checkpoint() {
     assert!(!out.status.success());
 }
 
-/// The Python snippet of docs/CHECKPOINT.md (up to its example call) rebuilds the flat buffer
+/// The Python snippet of docs/checkpoint-format.md (up to its example call) rebuilds the flat buffer
 /// bit for bit, padding included.
 #[test]
 fn docs_snippet_rebuilds_the_flat_buffer() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CHECKPOINT.md"))
-        .expect("docs/CHECKPOINT.md");
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/checkpoint-format.md"
+    ))
+    .expect("docs/checkpoint-format.md");
     let block = doc
         .split("```python\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
-        .expect("a python block in docs/CHECKPOINT.md");
+        .expect("a python block in docs/checkpoint-format.md");
     let definitions = block
         .split("\nparams, flat = load_weights(")
         .next()

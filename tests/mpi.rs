@@ -442,3 +442,34 @@ fn a_signal_checkpoints_exits_75_and_resumes_exactly() {
     );
     assert_eq!(losses(&out), losses(&straight));
 }
+
+#[test]
+fn the_corpus_is_staged_once_per_node() {
+    let _g = serial();
+    let stage = corpus().parent().unwrap().join("node-local");
+    let _ = std::fs::remove_dir_all(&stage);
+    let args = [
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--stage",
+        "triplet",
+        "--stage-corpus",
+        stage.to_str().unwrap(),
+    ];
+    let out = run_dir("staged");
+    let o = run(2, &out, &args, &[]);
+    ok(&o);
+    // Local rank 0 copied it, once; the copy is the same file.
+    assert_eq!(text(&o).matches("staged ").count(), 1, "{}", text(&o));
+    let copy = stage.join(corpus().file_name().unwrap());
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(corpus()).unwrap()
+    );
+    // A second run finds the copy up to date and does not copy again.
+    let o = run(2, &run_dir("staged-again"), &args, &[]);
+    ok(&o);
+    assert!(!text(&o).contains("staged "), "{}", text(&o));
+}

@@ -182,7 +182,7 @@ def params_from_dict(cfg: Config, values: dict, dtype=torch.float64, trainable=(
 
 
 def load_checkpoint(path: str):
-    """(Config, {name: float32 array}) from one of our checkpoints (docs/CHECKPOINT.md); the
+    """(Config, {name: float32 array}) from one of our checkpoints (docs/checkpoint-format.md); the
     offsets stored beside each tensor are checked against this file's layout."""
     import h5py
 

@@ -1,7 +1,7 @@
 //! The HDF5 checkpoint (format "mtx-hpc-checkpoint", version 1): parameters and Adam moments as
 //! one dataset per layout tensor, named by its layout name, plus the state a resumed run needs.
 //! Also the run-folder policy: which files a run keeps and which one `--resume auto` picks.
-//! docs/CHECKPOINT.md is the user-facing description; keep the two in step.
+//! docs/checkpoint-format.md is the user-facing description; keep the two in step.
 use crate::data::corpus::is_hdf5;
 use crate::io::AtomicFile;
 use crate::model::{Layout, ModelConfig};
@@ -59,7 +59,7 @@ pub struct Checkpoint {
 }
 
 /// BLAKE3 over every tensor's values as little-endian f32 bytes, in layout order, padding
-/// excluded: the same for any alignment, and computable from h5py (docs/CHECKPOINT.md).
+/// excluded: the same for any alignment, and computable from h5py (docs/checkpoint-format.md).
 pub fn param_checksum(layout: &Layout, params: &[f32]) -> Result<String> {
     if params.len() != layout.total() {
         bail!(
