@@ -1,4 +1,14 @@
-//! Entry point: parse the command line and hand over to the library. No logic here.
+//! Entry point: parse the command line and hand over to the library. No logic here but one
+//! allocator setting.
 fn main() -> std::process::ExitCode {
+    // Every step allocates and frees the same large activation buffers. By default glibc
+    // serves blocks over 128 KiB with fresh mmaps and returns them on free, so each step
+    // page-faults its whole working set again; raising both thresholds keeps the freed
+    // blocks in the heap for the next step (docs/PERFORMANCE.md, "Allocator").
+    // SAFETY: mallopt only changes allocator tunables; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
     mtx_hpc::cli::main()
 }
