@@ -5,10 +5,13 @@ fn main() -> std::process::ExitCode {
     // serves blocks over 128 KiB with fresh mmaps and returns them on free, so each step
     // page-faults its whole working set again; raising both thresholds keeps the freed
     // blocks in the heap for the next step (docs/PERFORMANCE.md, "Allocator").
-    // SAFETY: mallopt only changes allocator tunables; called before any other thread runs.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    // MTX_MALLOC_DEFAULTS=1 keeps glibc's defaults, for measuring the difference.
+    if std::env::var_os("MTX_MALLOC_DEFAULTS").is_none() {
+        // SAFETY: mallopt only changes allocator tunables; no other thread runs yet.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
     }
     mtx_hpc::cli::main()
 }
