@@ -77,9 +77,14 @@ pub struct RunConfig {
     /// Steps between log lines.
     pub log_every: u64,
     pub val_every_epoch: bool,
+    /// Dropout in the MEVP transformer (after the attention projection and after the
+    /// feed-forward block), training steps only; 0 is the default and the paper's model
+    /// without it.
     pub dropout: f32,
     pub pos_base: f64,
+    /// One sequence of the three planes' tokens per subject instead of one per plane.
     pub joint_sequence: bool,
+    /// MEVP trains the encoder too (targets detached; `cache_targets` does not apply).
     pub trainable_encoder_in_mevp: bool,
     /// Triplet margin.
     pub margin: f64,

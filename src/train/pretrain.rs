@@ -1,7 +1,8 @@
-//! The pretraining loop: triplet (encoder) then MEVP (transformer, encoder frozen) in one run
-//! folder, with validation each epoch, early stopping, checkpoints and exact resume. Every
-//! random draw is keyed by (seed, epoch, subject, purpose), so a resumed run repeats the
-//! uninterrupted one bit for bit without saving any RNG state.
+//! The pretraining loop: triplet (encoder) then MEVP (transformer, encoder frozen unless
+//! `trainable_encoder_in_mevp`) in one run folder, with validation each epoch, early
+//! stopping, checkpoints and exact resume. Every random draw is keyed by (seed, epoch,
+//! subject, purpose), so a resumed run repeats the uninterrupted one bit for bit without
+//! saving any RNG state.
 use super::checkpoint::{self, Checkpoint, CheckpointMeta};
 use super::config::{RunConfig, Stage, Stages};
 use crate::backend::{Adam, Backend};
@@ -11,7 +12,7 @@ use crate::model::augment::Curve;
 use crate::model::config::ModelConfig;
 use crate::model::init;
 use crate::model::layout::{Layout, Part};
-use crate::model::objective::{self, Masks, Net};
+use crate::model::objective::{self, DropoutDraw, Masks, MevpOptions, Net};
 use crate::model::planes::Plane;
 use crate::rng;
 use anyhow::{Context, Result, bail};
@@ -142,6 +143,36 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
     }
 
+    /// The parameters a stage trains (gradients zeroed, clipped and stepped over this range):
+    /// its [`Part`], or with `trainable_encoder_in_mevp` the whole buffer for MEVP (the parts
+    /// are contiguous: transformer, then encoder).
+    pub fn trainable_range(&self, stage: Stage) -> std::ops::Range<usize> {
+        if stage == Stage::Mevp && self.cfg.trainable_encoder_in_mevp {
+            let (t, e) = (
+                self.layout.part_range(Part::Transformer),
+                self.layout.part_range(Part::Encoder),
+            );
+            t.start..e.end
+        } else {
+            self.layout.part_range(Self::part(stage))
+        }
+    }
+
+    /// The MEVP options of this run; dropout only in training steps (those that compute
+    /// gradients), keyed by (seed, epoch, subject), never in validation.
+    fn mevp_options(&self, training: bool, subjects: &[usize], epoch_key: u64) -> MevpOptions {
+        let dropout = (training && self.cfg.dropout > 0.0).then(|| DropoutDraw {
+            p: self.cfg.dropout,
+            seed: self.cfg.seed,
+            key: epoch_key,
+            subjects: subjects.iter().map(|&s| s as u64).collect(),
+        });
+        MevpOptions {
+            joint: self.cfg.joint_sequence,
+            dropout,
+        }
+    }
+
     /// Volumes of the given corpus subjects, concatenated `[b, X, Y, Z]`.
     fn read_volumes(&self, subjects: &[usize]) -> Result<Vec<f32>> {
         let per: usize = self.model.grid.iter().product();
@@ -184,15 +215,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .collect()
     }
 
-    /// Position codes and [MASK] vectors per plane (fixed while the encoder is frozen).
+    /// Position codes and [MASK] vectors per plane (fixed while the encoder is frozen). With
+    /// a trainable encoder the [MASK] vectors change every step: the objective computes them,
+    /// and they are left empty here.
     fn mevp_constants(&self, params: &B::Buf) -> MevpConsts<B> {
         let pos = Plane::ALL.map(|p| {
             let (n, _, _) = p.geometry(self.model.grid);
             self.be
                 .upload(&init::positions(n, self.model.d, self.model.pos_base))
         });
-        let tokens =
-            Plane::ALL.map(|p| objective::mask_token(self.be, &self.net, params, &self.layout, p));
+        let tokens = Plane::ALL.map(|p| {
+            if self.cfg.trainable_encoder_in_mevp {
+                self.be.zeros(0)
+            } else {
+                objective::mask_token(self.be, &self.net, params, &self.layout, p)
+            }
+        });
         (pos, tokens)
     }
 
@@ -226,9 +264,25 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             Stage::Mevp => {
                 let (pos, tokens) = consts.expect("MEVP needs its constants");
-                let targets = self.targets(params, subjects, volumes);
                 let masks = self.masks(subjects, epoch_key, purpose);
-                objective::mevp(
+                let opts = self.mevp_options(grads.is_some(), subjects, epoch_key);
+                if self.cfg.trainable_encoder_in_mevp {
+                    // The encoder changes every step: no cache, targets from this forward.
+                    return objective::mevp_trainable(
+                        self.be,
+                        &self.net,
+                        params,
+                        grads,
+                        &self.layout,
+                        volumes,
+                        pos,
+                        &masks,
+                        &opts,
+                        None,
+                    );
+                }
+                let targets = self.targets(params, subjects, volumes);
+                objective::mevp_with(
                     self.be,
                     &self.net,
                     params,
@@ -238,6 +292,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     tokens,
                     pos,
                     &masks,
+                    &opts,
                 )
             }
         }
@@ -387,7 +442,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 state.stale_epochs = 0;
                 state.best_val = None;
             }
-            let part = self.layout.part_range(Self::part(stage));
+            let part = self.trainable_range(stage);
             let consts = (stage == Stage::Mevp).then(|| self.mevp_constants(&state.params));
             self.cache.borrow_mut().clear();
             while state.step < end {
@@ -591,12 +646,6 @@ pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
         cfg.seed = s;
     }
     cfg.validate()?;
-    if cfg.dropout != 0.0 || cfg.joint_sequence || cfg.trainable_encoder_in_mevp {
-        bail!(
-            "dropout, joint_sequence and trainable_encoder_in_mevp are not implemented yet: \
-             leave them at their defaults (0, false, false)"
-        );
-    }
     let corpus = Corpus::open(&args.corpus)?;
     let model = cfg.model_config();
     model
