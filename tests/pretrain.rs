@@ -330,6 +330,8 @@ fn mevp_options_train_and_resume_exactly() {
         final_state(&straight) == final_state(&resumed),
         "resumed run differs"
     );
+    // The encoder changes every step: nothing to cache.
+    assert!(!straight.join("mevp-cache").exists());
 
     let ckpt = Checkpoint::read(&straight.join("final.h5")).unwrap();
     let layout = Layout::new(&ckpt.meta.model);
@@ -355,4 +357,95 @@ fn mevp_options_train_and_resume_exactly() {
         first(&plain_dir),
         "dropout changed nothing"
     );
+}
+
+/// (name, inode, modification time, length) of every file in a folder, sorted.
+fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                m.ino(),
+                m.modified().unwrap(),
+                m.len(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The MEVP target cache is a folder of the run, keyed by corpus and encoder, with one file
+/// per training and validation subject after an epoch; a resumed run reads those files and
+/// computes (so writes) none; and runs that must not cache leave no folder.
+#[test]
+fn the_mevp_cache_is_on_disk_and_a_resumed_run_reads_it() {
+    let cfg = corpus().parent().unwrap().join("disk-cache.toml");
+    std::fs::write(&cfg, "checkpoint_every = 1\n").unwrap();
+    let args = [
+        "--stage",
+        "mevp",
+        "--steps",
+        "8",
+        "--config",
+        cfg.to_str().unwrap(),
+    ];
+    let dir = run_dir("disk-cache");
+    // One epoch (4 steps of 8 training subjects at batch 2), then its validation.
+    ok(&pretrain(&dir, &args, &[("MTX_TEST_STOP_AFTER", "4")]));
+    let root = dir.join("mevp-cache");
+    let keys: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let corpus8 = &mtx_hpc::io::file_checksum(corpus()).unwrap()[..8];
+    assert!(
+        keys[0].starts_with(&format!("{corpus8}-")) && keys[0].len() == 17,
+        "{keys:?}"
+    );
+    let folder = root.join(&keys[0]);
+    let before = snapshot(&folder);
+    let mut names: Vec<&str> = before.iter().map(|f| f.0.as_str()).collect();
+    names.sort_by_key(|n| n.trim_end_matches(".bin").parse::<usize>().unwrap());
+    let want: Vec<String> = (0..10).map(|s| format!("{s}.bin")).collect();
+    assert_eq!(names, want, "one file per training and validation subject");
+
+    // The second epoch and its validation, resumed: every target from the files.
+    let text = ok(&pretrain(
+        &dir,
+        &[&args[..], &["--resume", "auto"]].concat(),
+        &[],
+    ));
+    assert!(text.contains("resuming from"), "{text}");
+    assert_eq!(
+        snapshot(&folder),
+        before,
+        "the resumed run rewrote cache files"
+    );
+    let straight = run_dir("disk-cache-straight");
+    ok(&pretrain(&straight, &args, &[]));
+    assert_eq!(losses(&straight), losses(&dir));
+    assert!(final_state(&straight) == final_state(&dir));
+
+    let off = corpus().parent().unwrap().join("disk-cache-off.toml");
+    std::fs::write(&off, "cache_targets = false\n").unwrap();
+    let uncached = run_dir("disk-cache-off");
+    ok(&pretrain(
+        &uncached,
+        &[
+            "--stage",
+            "mevp",
+            "--steps",
+            "1",
+            "--config",
+            off.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(!uncached.join("mevp-cache").exists());
 }

@@ -90,8 +90,10 @@ pub struct RunConfig {
     pub margin: f64,
     /// Fraction of each plane's slice positions masked by MEVP (floored per plane).
     pub mask_fraction: f64,
-    /// Keep each subject's encoder vectors in memory during MEVP: the encoder is frozen, so
-    /// they never change and later epochs skip the encoder (bit-identical results).
+    /// Keep each subject's encoder vectors in RUN_DIR/mevp-cache during MEVP, keyed by the
+    /// corpus and encoder checksums: the encoder is frozen, so they never change, and later
+    /// epochs, validation and resumed runs skip the encoder (bit-identical results). Not used
+    /// with `trainable_encoder_in_mevp`.
     pub cache_targets: bool,
 }
 

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod pretrain;
+pub mod target_cache;
 
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use config::{RunConfig, Stage, Stages};

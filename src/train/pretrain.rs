@@ -5,6 +5,7 @@
 //! saving any RNG state.
 use super::checkpoint::{self, Checkpoint, CheckpointMeta};
 use super::config::{RunConfig, Stage, Stages};
+use super::target_cache::{self, TargetCache};
 use crate::backend::{Adam, Backend};
 use crate::data::corpus::Corpus;
 use crate::data::shard;
@@ -69,8 +70,9 @@ pub struct Trainer<'a, B: Backend> {
     /// Make this global step's loss NaN (tests of the non-finite stop).
     pub poison_step: Option<u64>,
     pub quiet: bool,
-    /// MEVP targets per subject and plane (see [`Trainer::targets`]); emptied at each stage.
-    pub cache: std::cell::RefCell<std::collections::HashMap<usize, [Vec<f32>; 3]>>,
+    /// The MEVP target cache in the run folder (see [`Trainer::targets`]); its key folder is
+    /// chosen again at each stage.
+    pub cache: std::cell::RefCell<TargetCache>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -298,17 +300,42 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
     }
 
-    /// MEVP targets of a batch: the encoder's vectors per plane, from the cache when every
-    /// subject is in it (the encoder is frozen during MEVP, so they never change).
+    /// MEVP targets of a batch: the encoder's vectors per plane. With `cache_targets`, read
+    /// from the run folder's cache when every subject has a file there for this corpus and
+    /// this encoder (it is frozen during MEVP, so they never change), else computed and the
+    /// missing files written (see [`target_cache`](super::target_cache)). A cache that cannot
+    /// be used only costs time: a warning, and the encoder runs.
     fn targets(&self, params: &B::Buf, subjects: &[usize], volumes: &[f32]) -> [B::Buf; 3] {
         let d = self.model.d;
-        if self.cfg.cache_targets {
-            let cache = self.cache.borrow();
-            if subjects.iter().all(|s| cache.contains_key(s)) {
+        let counts = Plane::ALL.map(|p| p.geometry(self.model.grid).0);
+        let mut cache = self.cache.borrow_mut();
+        let place = if self.cfg.cache_targets {
+            // The key is computed at every call, so a changed encoder can never hit.
+            let enc = self.layout.part_range(Part::Encoder);
+            let mut host = vec![0.0f32; enc.len()];
+            self.be.download(self.be.view(params, enc), &mut host);
+            let key = target_cache::key(&self.corpus_checksum, &host);
+            match cache.folder(&self.out, &key) {
+                Ok(folder) => Some((folder, key)),
+                Err(e) => {
+                    cache.warn(&e);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut found = Vec::with_capacity(subjects.len());
+        if let Some((folder, key)) = &place {
+            for &s in subjects {
+                found.push(cache.read(folder, key, s, d, counts));
+            }
+            if found.iter().all(Option::is_some) {
+                let found: Vec<_> = found.into_iter().flatten().collect();
                 return Plane::ALL.map(|p| {
-                    let host: Vec<f32> = subjects
+                    let host: Vec<f32> = found
                         .iter()
-                        .flat_map(|s| cache[s][p.index()].iter().copied())
+                        .flat_map(|v| v[p.index()].iter().copied())
                         .collect();
                     self.be.upload(&host)
                 });
@@ -318,20 +345,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let targets = Plane::ALL.map(|p| {
             objective::encode_plane(self.be, &self.net, params, &self.layout, p, volumes, b)
         });
-        if self.cfg.cache_targets {
-            let mut cache = self.cache.borrow_mut();
+        if let Some((folder, key)) = &place {
             let hosts = targets.each_ref().map(|t| {
                 let mut h = vec![0.0f32; self.be.len(t)];
                 self.be.download(self.be.view(t, 0..h.len()), &mut h);
                 h
             });
+            let per = counts.map(|n| n * d);
             for (k, &s) in subjects.iter().enumerate() {
-                cache.entry(s).or_insert_with(|| {
-                    Plane::ALL.map(|p| {
-                        let per = p.geometry(self.model.grid).0 * d;
-                        hosts[p.index()][k * per..(k + 1) * per].to_vec()
-                    })
-                });
+                if found[k].is_some() {
+                    continue;
+                }
+                let parts = [0, 1, 2].map(|p| &hosts[p][k * per[p]..(k + 1) * per[p]]);
+                if let Err(e) = cache.write(folder, key, s, d, parts) {
+                    cache.warn(&e);
+                }
             }
         }
         targets
