@@ -1,7 +1,9 @@
 //! The MEVP target cache on disk. While the encoder is frozen, a subject's slice vectors
 //! never change, so MEVP computes them once and keeps them in the run folder:
 //!
-//!     RUN_DIR/mevp-cache/<corpus8>-<encoder8>/<subject>.bin
+//! ```text
+//! RUN_DIR/mevp-cache/<corpus8>-<encoder8>/<subject>.bin
+//! ```
 //!
 //! keyed by the corpus checksum and the encoder checksum (BLAKE3 of the encoder part of the
 //! parameter buffer as little-endian f32 bytes), first 8 hex digits of each in the folder name
