@@ -36,6 +36,12 @@ extern "C" __global__ void add(const float* __restrict__ a, const float* __restr
     GRID_STRIDE(i, len) y[i] = a[i] + b[i];
 }
 
+// y = a * b (dropout multipliers)
+extern "C" __global__ void mul(const float* __restrict__ a, const float* __restrict__ b,
+                               i64 len, float* __restrict__ y) {
+    GRID_STRIDE(i, len) y[i] = a[i] * b[i];
+}
+
 // y += alpha * x
 extern "C" __global__ void axpy(float alpha, const float* __restrict__ x, i64 len,
                                 float* __restrict__ y) {

@@ -144,6 +144,7 @@ enum Op {
     ReluBackward,
     Add,
     Axpy(f32),
+    Mul(usize),
     AddBias {
         rows: usize,
         d: usize,
@@ -237,6 +238,7 @@ fn apply<B: Backend>(be: &B, op: &Op, i: &[B::View<'_>], o: Vec<B::ViewMut<'_>>)
         Op::ReluBackward => be.relu_backward(i[0], i[1], out()),
         Op::Add => be.add(i[0], i[1], out()),
         Op::Axpy(a) => be.axpy(*a, i[0], out()),
+        &Op::Mul(n) => be.mul(n, i[0], i[1], out()),
         &Op::AddBias { rows, d } => be.add_bias(rows, d, i[0], out()),
         &Op::BiasBackward { rows, d } => be.bias_backward(rows, d, i[0], out()),
         Op::MaxForward(s) => be.max_pool_forward(s, i[0], out()),
@@ -397,6 +399,12 @@ fn memory_and_elementwise_ops_match_the_cpu() {
         cases.push(case(
             Family::Elementwise,
             Op::Add,
+            vec![x.clone(), y.clone()],
+            vec![poison(len)],
+        ));
+        cases.push(case(
+            Family::Elementwise,
+            Op::Mul(len),
             vec![x.clone(), y.clone()],
             vec![poison(len)],
         ));

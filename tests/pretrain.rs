@@ -275,3 +275,177 @@ fn cached_mevp_targets_change_nothing() {
         compute(&b, 2)
     );
 }
+
+/// The MEVP options through the binary: joint sequence, dropout and a trainable encoder
+/// together resume bit for bit (dropout masks are keyed, not streamed), the encoder moves
+/// only when it is trainable, and dropout changes the training losses.
+#[test]
+fn mevp_options_train_and_resume_exactly() {
+    let dir = corpus().parent().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("checkpoint_every = 1\n{text}")).unwrap();
+        p
+    };
+    let all = write(
+        "options-all.toml",
+        "joint_sequence = true\ndropout = 0.2\ntrainable_encoder_in_mevp = true\n",
+    );
+    let frozen = write(
+        "options-frozen.toml",
+        "joint_sequence = true\ndropout = 0.2\n",
+    );
+    let plain = write("options-plain.toml", "joint_sequence = true\n");
+    // 8 training subjects at batch 2: 4 steps per epoch, so 6 steps cross an epoch (new
+    // dropout keys) and validate once.
+    let args = |cfg: &Path| -> Vec<String> {
+        [
+            "--stage",
+            "mevp",
+            "--steps",
+            "6",
+            "--config",
+            cfg.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |out: &Path, cfg: &Path, extra: &[&str], env: &[(&str, &str)]| {
+        let mut a = args(cfg);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        ok(&pretrain(
+            out,
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            env,
+        ))
+    };
+    let straight = run_dir("options-straight");
+    run(&straight, &all, &[], &[]);
+    let resumed = run_dir("options-resumed");
+    run(&resumed, &all, &[], &[("MTX_TEST_STOP_AFTER", "3")]);
+    run(&resumed, &all, &["--resume", "auto"], &[]);
+    assert_eq!(losses(&straight), losses(&resumed));
+    assert_eq!(losses(&straight).len(), 6);
+    assert!(
+        final_state(&straight) == final_state(&resumed),
+        "resumed run differs"
+    );
+    // The encoder changes every step: nothing to cache.
+    assert!(!straight.join("mevp-cache").exists());
+
+    let ckpt = Checkpoint::read(&straight.join("final.h5")).unwrap();
+    let layout = Layout::new(&ckpt.meta.model);
+    let enc = layout.part_range(mtx_hpc::model::Part::Encoder);
+    let initial = mtx_hpc::model::init::init_params(&layout, 0);
+    let frozen_dir = run_dir("options-frozen");
+    run(&frozen_dir, &frozen, &[], &[]);
+    let (trained, kept) = (final_state(&straight).0, final_state(&frozen_dir).0);
+    assert!(
+        kept[enc.clone()] == initial[enc.clone()],
+        "frozen encoder moved"
+    );
+    assert!(
+        trained[enc.clone()] != initial[enc],
+        "trainable encoder did not move"
+    );
+    // Step 1 starts from the same parameters: only dropout tells the losses apart.
+    let plain_dir = run_dir("options-plain");
+    run(&plain_dir, &plain, &[], &[]);
+    let first = |d: &Path| losses(d)[0].clone();
+    assert_ne!(
+        first(&frozen_dir),
+        first(&plain_dir),
+        "dropout changed nothing"
+    );
+}
+
+/// (name, inode, modification time, length) of every file in a folder, sorted.
+fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                m.ino(),
+                m.modified().unwrap(),
+                m.len(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The MEVP target cache is a folder of the run, keyed by corpus and encoder, with one file
+/// per training and validation subject after an epoch; a resumed run reads those files and
+/// computes (so writes) none; and runs that must not cache leave no folder.
+#[test]
+fn the_mevp_cache_is_on_disk_and_a_resumed_run_reads_it() {
+    let cfg = corpus().parent().unwrap().join("disk-cache.toml");
+    std::fs::write(&cfg, "checkpoint_every = 1\n").unwrap();
+    let args = [
+        "--stage",
+        "mevp",
+        "--steps",
+        "8",
+        "--config",
+        cfg.to_str().unwrap(),
+    ];
+    let dir = run_dir("disk-cache");
+    // One epoch (4 steps of 8 training subjects at batch 2), then its validation.
+    ok(&pretrain(&dir, &args, &[("MTX_TEST_STOP_AFTER", "4")]));
+    let root = dir.join("mevp-cache");
+    let keys: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let corpus8 = &mtx_hpc::io::file_checksum(corpus()).unwrap()[..8];
+    assert!(
+        keys[0].starts_with(&format!("{corpus8}-")) && keys[0].len() == 17,
+        "{keys:?}"
+    );
+    let folder = root.join(&keys[0]);
+    let before = snapshot(&folder);
+    let mut names: Vec<&str> = before.iter().map(|f| f.0.as_str()).collect();
+    names.sort_by_key(|n| n.trim_end_matches(".bin").parse::<usize>().unwrap());
+    let want: Vec<String> = (0..10).map(|s| format!("{s}.bin")).collect();
+    assert_eq!(names, want, "one file per training and validation subject");
+
+    // The second epoch and its validation, resumed: every target from the files.
+    let text = ok(&pretrain(
+        &dir,
+        &[&args[..], &["--resume", "auto"]].concat(),
+        &[],
+    ));
+    assert!(text.contains("resuming from"), "{text}");
+    assert_eq!(
+        snapshot(&folder),
+        before,
+        "the resumed run rewrote cache files"
+    );
+    let straight = run_dir("disk-cache-straight");
+    ok(&pretrain(&straight, &args, &[]));
+    assert_eq!(losses(&straight), losses(&dir));
+    assert!(final_state(&straight) == final_state(&dir));
+
+    let off = corpus().parent().unwrap().join("disk-cache-off.toml");
+    std::fs::write(&off, "cache_targets = false\n").unwrap();
+    let uncached = run_dir("disk-cache-off");
+    ok(&pretrain(
+        &uncached,
+        &[
+            "--stage",
+            "mevp",
+            "--steps",
+            "1",
+            "--config",
+            off.to_str().unwrap(),
+        ],
+        &[],
+    ));
+    assert!(!uncached.join("mevp-cache").exists());
+}

@@ -1,9 +1,9 @@
 """Times optimizer steps of our PyTorch reference (benches/reference/model.py) on the same
-work as `mtx-hpc bench step`: paper preset, random smooth volumes, frozen-encoder MEVP or the
-triplet stage, Adam on the stage's trainable part. For the side-by-side table in
+work as `mtx-hpc bench step`: paper preset, random smooth volumes, frozen-encoder MEVP,
+trainable-encoder MEVP or the triplet stage, Adam on the stage's trainable part. For the side-by-side table in
 docs/PERFORMANCE.md; needs torch (a separate venv, never CI).
 
-Usage: bench_step.py --stage mevp|triplet [--batch 4] [--threads 2] [--steps 3]
+Usage: bench_step.py --stage mevp|mevp-trainable|triplet [--batch 4] [--threads 2] [--steps 3]
 """
 import argparse
 import resource
@@ -15,7 +15,7 @@ import torch
 import model as ref
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--stage", choices=["mevp", "triplet"], default="mevp")
+ap.add_argument("--stage", choices=["mevp", "mevp-trainable", "triplet"], default="mevp")
 ap.add_argument("--batch", type=int, default=4)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--steps", type=int, default=3)
@@ -29,7 +29,7 @@ values = {}
 for name, shape, part, _ in ref.layout(cfg):
     fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     values[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-trainable = ("encoder",) if a.stage == "triplet" else ("transformer",)
+trainable = {"triplet": ("encoder",), "mevp": ("transformer",)}.get(a.stage, ("encoder", "transformer"))
 params = ref.params_from_dict(cfg, values, dtype=torch.float32, trainable=trainable)
 net = ref.MedicalTransformer(cfg, params)
 x, y, z = cfg.grid
@@ -49,7 +49,10 @@ times = []
 for step in range(a.steps + 1):
     t = time.perf_counter()
     opt.zero_grad()
-    loss = net.mevp(volumes, masks)[0] if a.stage == "mevp" else net.triplet(volumes, positives)[0]
+    if a.stage == "triplet":
+        loss = net.triplet(volumes, positives)[0]
+    else:
+        loss = net.mevp(volumes, masks, trainable_encoder=a.stage == "mevp-trainable")[0]
     loss.backward()
     opt.step()
     s = time.perf_counter() - t

@@ -304,20 +304,28 @@ class MedicalTransformer:
         _, h, w = self.cfg.plane_geometry(plane)
         return self.encode(-torch.ones(1, 1, h, w, dtype=self.dtype))[0]
 
-    def mevp(self, volumes: torch.Tensor, masks: dict):
+    def mevp(self, volumes: torch.Tensor, masks: dict, trainable_encoder: bool = False):
         """MEVP with the encoder frozen: per plane, the mean over masked rows (all subjects) and
         D of (final-LN output - target)^2, summed over the planes. `masks[plane]` is an int
-        array [b, k] of slice positions. Returns (loss, {plane: loss})."""
+        array [b, k] of slice positions. Returns (loss, {plane: loss}).
+        `trainable_encoder`: the input vectors and the [MASK] vector keep their autograd
+        graph into the encoder; the targets are the same vectors detached."""
         b = volumes.shape[0]
         total, per = 0.0, {}
         for pi, plane in enumerate(PLANES):
             n = self.cfg.plane_geometry(plane)[0]
-            with torch.no_grad():  # targets and tokens are constants: the encoder is frozen
-                targets = self.encode(plane_slices(volumes, plane)).reshape(b, n, self.cfg.d)
+            if trainable_encoder:
+                vectors = self.encode(plane_slices(volumes, plane)).reshape(b, n, self.cfg.d)
+                targets = vectors.detach()
                 token = self.mask_token(plane)
+            else:
+                with torch.no_grad():  # targets and tokens are constants: the encoder is frozen
+                    targets = self.encode(plane_slices(volumes, plane)).reshape(b, n, self.cfg.d)
+                    token = self.mask_token(plane)
+                vectors = targets
             m = torch.as_tensor(np.asarray(masks[plane]), dtype=torch.long)
             rows = (torch.arange(b)[:, None] * n + m).reshape(-1)
-            x = targets.reshape(b * n, -1).clone()
+            x = vectors.reshape(b * n, -1).clone()
             x[rows] = token
             out = self.transform(x.reshape(b, n, -1), pi).reshape(b * n, -1)
             loss = ((out[rows] - targets.reshape(b * n, -1)[rows]) ** 2).mean()

@@ -256,6 +256,16 @@ pub trait Backend: Send + Sync {
     fn add(&self, a: Self::View<'_>, b: Self::View<'_>, y: Self::ViewMut<'_>);
     /// `y += alpha * x`.
     fn axpy(&self, alpha: f32, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// `y = a * b` elementwise over `n` values (dropout masks, forward and backward). The
+    /// default goes through the host so that every backend has it; backends override it.
+    fn mul(&self, n: usize, a: Self::View<'_>, b: Self::View<'_>, y: Self::ViewMut<'_>) {
+        let (mut ha, mut hb) = (vec![0.0f32; n], vec![0.0f32; n]);
+        self.download(a, &mut ha);
+        self.download(b, &mut hb);
+        ha.iter_mut().zip(&hb).for_each(|(a, b)| *a *= b);
+        let prod = self.upload(&ha);
+        self.copy(self.view(&prod, 0..n), y);
+    }
     /// `y[r, :] += bias` for every row (`bias [d]`).
     fn add_bias(&self, rows: usize, d: usize, bias: Self::View<'_>, y: Self::ViewMut<'_>);
     /// `dbias += sum over rows of dy[r, :]`.

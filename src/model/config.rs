@@ -75,11 +75,13 @@ pub struct ModelConfig {
     pub ffn: usize,
     /// Epsilon of every instance and layer norm.
     pub norm_eps: f32,
-    /// Dropout probability in the transformer (0 keeps runs deterministic; the paper used 0.1).
+    /// Dropout probability in the transformer (default 0; the paper used 0.1). Masks are keyed
+    /// by (seed, epoch, subject, purpose), so runs with dropout stay reproducible.
     pub dropout: f32,
     /// Base of the sinusoidal position code.
     pub pos_base: f64,
-    /// One sequence over the three planes instead of one per plane (the paper's choice).
+    /// One sequence over the three planes instead of one per plane (the paper's choice is one
+    /// per plane).
     pub joint_sequence: bool,
     /// Train the encoder during MEVP too (targets detached); experimental.
     pub trainable_encoder_in_mevp: bool,

@@ -1,12 +1,13 @@
 //! The two pretraining objectives over a batch of subjects, summed over the three planes:
-//! masked encoding vector prediction (MEVP, encoder frozen: gradients reach the transformer
-//! only) and the triplet loss (encoder only). Both return the loss and, when given a gradient
-//! buffer, accumulate into it.
+//! masked encoding vector prediction (MEVP: encoder frozen, gradients reach the transformer
+//! only; or, as an option, encoder trained too with detached targets) and the triplet loss
+//! (encoder only). Both return the loss and, when given a gradient buffer, accumulate into it.
 use super::encoder::{self, EncoderSpec};
 use super::params::{ParamIndex, all, all_mut};
 use super::planes::Plane;
-use super::transformer::{self, TransformerSpec};
+use super::transformer::{self, DropoutMasks, Segment, TransformerSpec};
 use crate::backend::Backend;
+use crate::rng;
 
 /// The network's shapes.
 #[derive(Clone, Debug, PartialEq)]
@@ -90,68 +91,202 @@ pub fn mask_token<B: Backend>(
 /// The masked positions of one subject, per plane (sorted indices into that plane's slices).
 pub type Masks = [Vec<u32>; 3];
 
-/// MEVP loss of `b` subjects (sum over planes of the mean squared error over masked
-/// positions and components), with the encoder frozen. `targets[p]` are the encoder vectors
-/// of plane p (from [`encode_plane`], or a cache: they never change while the encoder is
-/// frozen); `tokens[p]` the [MASK] vectors; `pos[p]` the position codes `[slices, D]`.
-pub fn mevp<B: Backend>(
+/// Dropout during a training step: the probability and the keys its masks are drawn from.
+/// Every multiplier is a function of (seed, key, subject, layer, purpose), so a resumed run
+/// draws the same masks and nothing depends on the world size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DropoutDraw {
+    pub p: f32,
+    pub seed: u64,
+    /// The step's key (the run passes the epoch: a subject is seen once per epoch).
+    pub key: u64,
+    /// Global corpus index of each subject of the batch, in batch order.
+    pub subjects: Vec<u64>,
+}
+
+/// The MEVP options the paper leaves open. `Default` is the paper's model: per-plane
+/// sequences, no dropout.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MevpOptions {
+    /// One sequence of the three planes' tokens per subject (axial, sagittal, coronal, each
+    /// with its plane embedding and its positions within its plane) instead of three.
+    pub joint: bool,
+    /// Dropout masks for a training step; `None` (or p = 0) runs without dropout.
+    pub dropout: Option<DropoutDraw>,
+}
+
+/// The inverted-dropout multipliers of `b` sequences of `t` tokens (`name`: the plane, or
+/// `joint`), or `None` when p is 0.
+fn dropout_masks<B: Backend>(
+    be: &B,
+    spec: &TransformerSpec,
+    draw: &DropoutDraw,
+    b: usize,
+    t: usize,
+    name: &str,
+) -> Option<DropoutMasks<B>> {
+    if draw.p <= 0.0 {
+        return None;
+    }
+    assert_eq!(draw.subjects.len(), b, "one dropout key per subject");
+    let (p, keep) = (f64::from(draw.p), 1.0 / (1.0 - draw.p));
+    let per = t * spec.d;
+    let layers = (1..=spec.layers as u64)
+        .map(|l| {
+            ["attn", "ffn"].map(|site| {
+                let mut host = Vec::with_capacity(b * per);
+                for &s in &draw.subjects {
+                    let mut r = rng::keyed(
+                        draw.seed,
+                        &[draw.key, s, l],
+                        &format!("dropout-{site}-{name}"),
+                    );
+                    host.extend((0..per).map(|_| if rng::unit(&mut r) < p { 0.0 } else { keep }));
+                }
+                be.upload(&host)
+            })
+        })
+        .collect();
+    Some(DropoutMasks { layers })
+}
+
+/// Gradients at the MEVP inputs, per plane: at the slice vectors `[b * slices, D]` (zero at
+/// masked positions, which saw the [MASK] vector instead) and at the [MASK] vector `[D]`.
+type InputGrads<B> = ([<B as Backend>::Buf; 3], [<B as Backend>::Buf; 3]);
+
+/// The MEVP loss over sequences built from `inputs` (masked positions replaced by `tokens`),
+/// compared with `targets` (never differentiated: detached). Accumulates transformer
+/// gradients when `grads` is given, and returns the gradients at the inputs when asked.
+fn mevp_core<B: Backend>(
     be: &B,
     net: &Net,
     params: &B::Buf,
     mut grads: Option<&mut B::Buf>,
     idx: &impl ParamIndex,
-    targets: &[B::Buf; 3],
-    tokens: &[B::Buf; 3],
+    inputs: [&B::Buf; 3],
+    targets: [&B::Buf; 3],
+    tokens: [&B::Buf; 3],
     pos: &[B::Buf; 3],
     masks: &[Masks],
-) -> f64 {
+    opts: &MevpOptions,
+    want_input_grads: bool,
+) -> (f64, Option<InputGrads<B>>) {
     let d = net.transformer.d;
     let b = masks.len();
+    let want_input_grads = want_input_grads && grads.is_some();
+    let groups: Vec<Vec<Plane>> = if opts.joint {
+        vec![Plane::ALL.to_vec()]
+    } else {
+        Plane::ALL.iter().map(|&p| vec![p]).collect()
+    };
+    let mut dinputs: [Option<B::Buf>; 3] = [None, None, None];
+    let mut dtokens: [Option<B::Buf>; 3] = [None, None, None];
     let mut total = 0.0;
-    for plane in Plane::ALL {
-        let p = plane.index();
-        let (n, _, _) = plane.geometry(net.grid);
-        let rows: Vec<u32> = masks
-            .iter()
-            .enumerate()
-            .flat_map(|(s, m)| m[p].iter().map(move |&i| (s * n) as u32 + i))
-            .collect();
-        if rows.is_empty() {
+    let last_group = groups.len().saturating_sub(1);
+    for (g, group) in groups.into_iter().enumerate() {
+        let ns: Vec<usize> = group.iter().map(|p| p.geometry(net.grid).0).collect();
+        let t: usize = ns.iter().sum();
+        // Per plane of the group: the sequence rows holding its slices (in the plane's row
+        // order s*n + i), and its masked rows as (plane row, sequence row) lists.
+        let mut seq_rows = Vec::new();
+        let mut masked = Vec::new();
+        let mut off = 0;
+        for (&plane, &n) in group.iter().zip(&ns) {
+            let p = plane.index();
+            seq_rows.push(
+                (0..b)
+                    .flat_map(|s| (0..n).map(move |i| (s * t + off + i) as u32))
+                    .collect::<Vec<u32>>(),
+            );
+            let plane_rows: Vec<u32> = masks
+                .iter()
+                .enumerate()
+                .flat_map(|(s, m)| m[p].iter().map(move |&i| (s * n) as u32 + i))
+                .collect();
+            let rows: Vec<u32> = masks
+                .iter()
+                .enumerate()
+                .flat_map(|(s, m)| m[p].iter().map(move |&i| (s * t + off) as u32 + i))
+                .collect();
+            masked.push((plane_rows, rows));
+            off += n;
+        }
+        if masked.iter().all(|(r, _)| r.is_empty()) {
             continue;
         }
-        let mut input = be.zeros(b * n * d);
-        be.copy(all(be, &targets[p]), all_mut(be, &mut input));
-        be.mask_scatter(d, &rows, all(be, &tokens[p]), all_mut(be, &mut input));
-        let (out, tape) = transformer::forward(
+        let mut input = be.zeros(b * t * d);
+        if let [plane] = group[..] {
+            be.copy(all(be, inputs[plane.index()]), all_mut(be, &mut input));
+        } else {
+            for (plane, rows) in group.iter().zip(&seq_rows) {
+                let src = all(be, inputs[plane.index()]);
+                be.scatter_add_rows(d, rows, src, all_mut(be, &mut input));
+            }
+        }
+        for (plane, (_, rows)) in group.iter().zip(&masked) {
+            if !rows.is_empty() {
+                let token = all(be, tokens[plane.index()]);
+                be.mask_scatter(d, rows, token, all_mut(be, &mut input));
+            }
+        }
+        let segments: Vec<Segment<'_, B>> = group
+            .iter()
+            .zip(&ns)
+            .map(|(plane, &len)| Segment {
+                plane: plane.index(),
+                len,
+                pos: all(be, &pos[plane.index()]),
+            })
+            .collect();
+        let name = if let [plane] = group[..] {
+            plane.name()
+        } else {
+            "joint"
+        };
+        let dropout = opts
+            .dropout
+            .as_ref()
+            .and_then(|draw| dropout_masks(be, &net.transformer, draw, b, t, name));
+        let (out, tape) = transformer::forward_with(
             be,
             &net.transformer,
             params,
             idx,
             all(be, &input),
             b,
-            n,
-            p,
-            all(be, &pos[p]),
+            &segments,
+            dropout,
         );
-        let (mut pred, mut target) = (be.zeros(rows.len() * d), be.zeros(rows.len() * d));
-        be.gather_rows(d, &rows, all(be, &out), all_mut(be, &mut pred));
-        be.gather_rows(d, &rows, all(be, &targets[p]), all_mut(be, &mut target));
-        let (mut loss, mut dpred) = (be.zeros(1), be.zeros(rows.len() * d));
-        be.mse(
-            1.0,
-            all(be, &pred),
-            all(be, &target),
-            all_mut(be, &mut loss),
-            all_mut(be, &mut dpred),
-        );
-        total += scalar(be, &loss);
-        if let Some(grads) = grads.as_deref_mut() {
-            let mut dout = be.zeros(b * n * d);
-            be.scatter_add_rows(d, &rows, all(be, &dpred), all_mut(be, &mut dout));
-            if plane == Plane::Coronal {
+        let mut dout = grads.is_some().then(|| be.zeros(b * t * d));
+        for (plane, (plane_rows, rows)) in group.iter().zip(&masked) {
+            if rows.is_empty() {
+                continue;
+            }
+            let m = rows.len();
+            let (mut pred, mut target) = (be.zeros(m * d), be.zeros(m * d));
+            be.gather_rows(d, rows, all(be, &out), all_mut(be, &mut pred));
+            let tgt = all(be, targets[plane.index()]);
+            be.gather_rows(d, plane_rows, tgt, all_mut(be, &mut target));
+            let (mut loss, mut dpred) = (be.zeros(1), be.zeros(m * d));
+            be.mse(
+                1.0,
+                all(be, &pred),
+                all(be, &target),
+                all_mut(be, &mut loss),
+                all_mut(be, &mut dpred),
+            );
+            total += scalar(be, &loss);
+            if let Some(dout) = dout.as_mut() {
+                be.scatter_add_rows(d, rows, all(be, &dpred), all_mut(be, dout));
+            }
+        }
+        if let (Some(grads), Some(dout)) = (grads.as_deref_mut(), dout) {
+            // With a frozen encoder this is the step's last backward pass; a trainable one
+            // runs its encoder passes after this (see mevp_trainable).
+            if g == last_group && !want_input_grads {
                 idx.last_pass();
             }
-            transformer::backward(
+            let dx = transformer::backward(
                 be,
                 &net.transformer,
                 params,
@@ -160,9 +295,158 @@ pub fn mevp<B: Backend>(
                 &tape,
                 all(be, &dout),
             );
+            if want_input_grads {
+                for ((plane, rows), (plane_rows, masked_rows)) in
+                    group.iter().zip(&seq_rows).zip(&masked)
+                {
+                    let p = plane.index();
+                    let mut dv = be.zeros(rows.len() * d);
+                    be.gather_rows(d, rows, all(be, &dx), all_mut(be, &mut dv));
+                    let mut dt = be.zeros(d);
+                    let m = masked_rows.len();
+                    if m > 0 {
+                        // A masked position saw the [MASK] vector: its gradient goes there.
+                        let mut dm = be.zeros(m * d);
+                        be.gather_rows(d, masked_rows, all(be, &dx), all_mut(be, &mut dm));
+                        be.bias_backward(m, d, all(be, &dm), all_mut(be, &mut dt));
+                        let zero = be.zeros(d);
+                        be.mask_scatter(d, plane_rows, all(be, &zero), all_mut(be, &mut dv));
+                    }
+                    dinputs[p] = Some(dv);
+                    dtokens[p] = Some(dt);
+                }
+            }
         }
     }
-    total
+    let back = want_input_grads.then(|| {
+        let mut k = 0;
+        let dv = dinputs.map(|g| {
+            let n = Plane::ALL[k].geometry(net.grid).0;
+            k += 1;
+            g.unwrap_or_else(|| be.zeros(b * n * d))
+        });
+        (dv, dtokens.map(|g| g.unwrap_or_else(|| be.zeros(d))))
+    });
+    (total, back)
+}
+
+/// MEVP loss of `b` subjects (sum over planes of the mean squared error over masked
+/// positions and components), with the encoder frozen. `targets[p]` are the encoder vectors
+/// of plane p (from [`encode_plane`], or a cache: they never change while the encoder is
+/// frozen); `tokens[p]` the [MASK] vectors; `pos[p]` the position codes `[slices, D]`.
+pub fn mevp<B: Backend>(
+    be: &B,
+    net: &Net,
+    params: &B::Buf,
+    grads: Option<&mut B::Buf>,
+    idx: &impl ParamIndex,
+    targets: &[B::Buf; 3],
+    tokens: &[B::Buf; 3],
+    pos: &[B::Buf; 3],
+    masks: &[Masks],
+) -> f64 {
+    let opts = MevpOptions::default();
+    mevp_with(
+        be, net, params, grads, idx, targets, tokens, pos, masks, &opts,
+    )
+}
+
+/// [`mevp`] (encoder frozen: gradients reach the transformer only) with the options the
+/// paper leaves open: joint sequence, dropout.
+pub fn mevp_with<B: Backend>(
+    be: &B,
+    net: &Net,
+    params: &B::Buf,
+    grads: Option<&mut B::Buf>,
+    idx: &impl ParamIndex,
+    targets: &[B::Buf; 3],
+    tokens: &[B::Buf; 3],
+    pos: &[B::Buf; 3],
+    masks: &[Masks],
+    opts: &MevpOptions,
+) -> f64 {
+    let t = targets.each_ref();
+    let (loss, _) = mevp_core(
+        be,
+        net,
+        params,
+        grads,
+        idx,
+        t,
+        t,
+        tokens.each_ref(),
+        pos,
+        masks,
+        opts,
+        false,
+    );
+    loss
+}
+
+/// MEVP with the encoder trained too (`trainable_encoder_in_mevp`): the input vectors of
+/// `volumes [b, X, Y, Z]` come from the encoder with its tape kept, and gradients flow back
+/// through the transformer into the encoder (`grads` accumulates both parts). The targets are
+/// the same vectors detached: the loss never differentiates them (otherwise a constant
+/// encoder would drive the loss to zero). `fixed_targets` replaces them by given vectors (the
+/// gradient tests hold the targets fixed while they perturb the parameters; training passes
+/// `None`).
+///
+/// The [MASK] vector is the encoder's vector of the constant -1 slice, computed at every step
+/// from the current encoder, and it *does* receive gradients, which flow into the encoder:
+/// it is an encoder output on the input side of the transformer, as PyTorch's autograd would
+/// treat it; holding it constant would make the step's gradient a partial derivative of no
+/// loss function (so no finite-difference check could confirm it), and the three
+/// single-slice backward passes cost next to nothing.
+pub fn mevp_trainable<B: Backend>(
+    be: &B,
+    net: &Net,
+    params: &B::Buf,
+    mut grads: Option<&mut B::Buf>,
+    idx: &impl ParamIndex,
+    volumes: &[f32],
+    pos: &[B::Buf; 3],
+    masks: &[Masks],
+    opts: &MevpOptions,
+    fixed_targets: Option<&[B::Buf; 3]>,
+) -> f64 {
+    let b = masks.len();
+    let vectors = Plane::ALL.map(|plane| {
+        let (n, h, w) = plane.geometry(net.grid);
+        let slices = plane_slices(be, net.grid, plane, volumes, b);
+        encoder::forward(be, &net.encoder, params, idx, all(be, &slices), b * n, h, w)
+    });
+    let tokens = Plane::ALL.map(|plane| {
+        let (_, h, w) = plane.geometry(net.grid);
+        let image = be.upload(&vec![-1.0; h * w]);
+        encoder::forward(be, &net.encoder, params, idx, all(be, &image), 1, h, w)
+    });
+    let inputs = vectors.each_ref().map(|v| &v.0);
+    let targets = fixed_targets.map_or(inputs, |t| t.each_ref());
+    let (loss, back) = mevp_core(
+        be,
+        net,
+        params,
+        grads.as_deref_mut(),
+        idx,
+        inputs,
+        targets,
+        tokens.each_ref().map(|t| &t.0),
+        pos,
+        masks,
+        opts,
+        true,
+    );
+    if let (Some(grads), Some((dv, dt))) = (grads, back) {
+        for p in 0..3 {
+            let enc = &net.encoder;
+            encoder::backward(be, enc, params, grads, idx, &vectors[p].1, all(be, &dv[p]));
+            if p == 2 {
+                idx.last_pass();
+            }
+            encoder::backward(be, enc, params, grads, idx, &tokens[p].1, all(be, &dt[p]));
+        }
+    }
+    loss
 }
 
 /// Which slices of plane `plane` of `b` subjects hold one value only (all background).

@@ -2,6 +2,17 @@
 //! embedding), pre-LayerNorm layers of multi-head attention and a ReLU feed-forward, a final
 //! LayerNorm. Forward keeps a tape; backward returns the gradient at the input vectors and
 //! accumulates parameter gradients in layout order (final norm first, plane embedding last).
+//!
+//! A sequence is one plane's slices (the paper) or, with the joint-sequence option, the three
+//! planes' slices one after the other ([`Segment`]s): each token gets its own plane's
+//! embedding and its position within its plane.
+//!
+//! Dropout (optional, [`DropoutMasks`]) sits where PyTorch's pre-LN
+//! `nn.TransformerEncoderLayer` has its `dropout1` and `dropout2`: on the attention branch
+//! after the output projection and on the feed-forward branch after `fc2`, each before its
+//! residual add. (PyTorch's extra dropouts on the attention probabilities and inside the
+//! feed-forward block are not modelled.) Inverted dropout: kept values are scaled by
+//! 1/(1-p), so evaluation needs no rescaling; the multipliers stay on the tape for backward.
 use super::linear;
 use super::params::{ParamIndex, all, all_mut, two_mut, view};
 use crate::backend::{Attention, Backend};
@@ -43,13 +54,30 @@ struct Layer<B: Backend> {
     hidden: B::Buf,
 }
 
+/// A run of `len` consecutive tokens of plane `plane` (0 axial, 1 sagittal, 2 coronal) in
+/// every sequence, with its fixed position code `pos [len, d]`.
+pub struct Segment<'a, B: Backend + 'a> {
+    pub plane: usize,
+    pub len: usize,
+    pub pos: B::View<'a>,
+}
+
+/// Inverted-dropout multipliers of one forward pass, each value 0 (dropped) or 1/(1-p):
+/// per layer, `[attention branch, feed-forward branch]`, each `[b*t, d]`. Drawn by the caller
+/// (objective.rs keys them by seed, step, subject and purpose), kept on the tape.
+pub struct DropoutMasks<B: Backend> {
+    pub layers: Vec<[B::Buf; 2]>,
+}
+
 /// Everything backward needs from one forward pass over `b` sequences of `t` tokens.
 pub struct TransformerTape<B: Backend> {
     b: usize,
     t: usize,
-    plane: usize,
+    /// (plane, tokens) of each segment of a sequence, in order.
+    segments: Vec<(usize, usize)>,
     layers: Vec<Layer<B>>,
     final_ln: Norm<B>,
+    dropout: Option<DropoutMasks<B>>,
 }
 
 fn layer_norm<B: Backend>(
@@ -185,7 +213,7 @@ fn plane_range(idx: &impl ParamIndex, plane: usize, d: usize) -> std::ops::Range
 
 /// Runs `b` sequences of `t` vectors `x [b*t, d]` of plane `plane` (0 axial, 1 sagittal,
 /// 2 coronal) through the transformer; `pos [t, d]` is the fixed position code. Returns the
-/// final-norm output `[b*t, d]` and the tape.
+/// final-norm output `[b*t, d]` and the tape. (One segment, no dropout: the paper's model.)
 pub fn forward<B: Backend>(
     be: &B,
     spec: &TransformerSpec,
@@ -197,18 +225,93 @@ pub fn forward<B: Backend>(
     plane: usize,
     pos: B::View<'_>,
 ) -> (B::Buf, TransformerTape<B>) {
+    let seg = [Segment { plane, len: t, pos }];
+    forward_with(be, spec, params, idx, x, b, &seg, None)
+}
+
+/// `v * mask` when a dropout mask is given, else `v` unchanged.
+fn masked<B: Backend>(be: &B, v: B::Buf, mask: Option<&B::Buf>) -> B::Buf {
+    match mask {
+        None => v,
+        Some(m) => {
+            let n = be.len(&v);
+            let mut y = be.zeros(n);
+            be.mul(n, all(be, &v), all(be, m), all_mut(be, &mut y));
+            y
+        }
+    }
+}
+
+/// `dy * mask`: the gradient through a dropout.
+fn masked_grad<B: Backend>(be: &B, dy: &B::Buf, mask: &B::Buf) -> B::Buf {
+    let n = be.len(dy);
+    let mut y = be.zeros(n);
+    be.mul(n, all(be, dy), all(be, mask), all_mut(be, &mut y));
+    y
+}
+
+/// The general forward pass: `b` sequences made of `segments` (their lengths sum to the
+/// sequence length `t`), `x [b*t, d]`, with optional dropout multipliers.
+pub fn forward_with<B: Backend>(
+    be: &B,
+    spec: &TransformerSpec,
+    params: &B::Buf,
+    idx: &impl ParamIndex,
+    x: B::View<'_>,
+    b: usize,
+    segments: &[Segment<'_, B>],
+    dropout: Option<DropoutMasks<B>>,
+) -> (B::Buf, TransformerTape<B>) {
+    let t: usize = segments.iter().map(|s| s.len).sum();
     let (d, inner, rows) = (spec.d, spec.inner(), b * t);
+    if let Some(m) = &dropout {
+        assert_eq!(
+            m.layers.len(),
+            spec.layers,
+            "one pair of dropout masks per layer"
+        );
+        for pair in &m.layers {
+            assert!(
+                pair.iter().all(|m| be.len(m) == rows * d),
+                "dropout mask shape"
+            );
+        }
+    }
+    let scale = (d as f32).sqrt();
     let mut h = be.zeros(rows * d);
-    be.embed_forward(
-        b,
-        t,
-        d,
-        (d as f32).sqrt(),
-        x,
-        pos,
-        be.view(params, plane_range(idx, plane, d)),
-        all_mut(be, &mut h),
-    );
+    if let [seg] = segments {
+        be.embed_forward(
+            b,
+            t,
+            d,
+            scale,
+            x,
+            seg.pos,
+            be.view(params, plane_range(idx, seg.plane, d)),
+            all_mut(be, &mut h),
+        );
+    } else {
+        // Each (sequence, segment) is a block of consecutive rows with one plane embedding.
+        let mut xb = be.zeros(rows * d);
+        be.copy(x, all_mut(be, &mut xb));
+        for s in 0..b {
+            let mut start = s * t;
+            for seg in segments {
+                let r = start * d..(start + seg.len) * d;
+                be.embed_forward(
+                    1,
+                    seg.len,
+                    d,
+                    scale,
+                    be.view(&xb, r.clone()),
+                    seg.pos,
+                    be.view(params, plane_range(idx, seg.plane, d)),
+                    be.view_mut(&mut h, r),
+                );
+                start += seg.len;
+            }
+        }
+    }
     let att_shape = Attention {
         b,
         t,
@@ -253,6 +356,8 @@ pub fn forward<B: Backend>(
             d,
             all(be, &att),
         );
+        let mask = dropout.as_ref().map(|m| &m.layers[l - 1]);
+        let o = masked(be, o, mask.map(|m| &m[0]));
         let mut x1 = be.zeros(rows * d);
         be.add(all(be, &ln1.input), all(be, &o), all_mut(be, &mut x1));
         let ln2 = layer_norm(be, params, idx, &format!("{p}.ln2"), rows, d, spec.eps, x1);
@@ -278,6 +383,7 @@ pub fn forward<B: Backend>(
             d,
             all(be, &hidden),
         );
+        let f = masked(be, f, mask.map(|m| &m[1]));
         let mut x2 = be.zeros(rows * d);
         be.add(all(be, &ln2.input), all(be, &f), all_mut(be, &mut x2));
         h = x2;
@@ -307,9 +413,10 @@ pub fn forward<B: Backend>(
     let tape = TransformerTape {
         b,
         t,
-        plane,
+        segments: segments.iter().map(|s| (s.plane, s.len)).collect(),
         layers,
         final_ln,
+        dropout,
     };
     (out, tape)
 }
@@ -346,7 +453,9 @@ pub fn backward<B: Backend>(
     };
     for (i, layer) in tape.layers.iter().enumerate().rev() {
         let p = format!("transformer.l{}", i + 1);
-        // Feed-forward branch: x2 = x1 + fc2(relu(fc1(ln2(x1)))).
+        let mask = tape.dropout.as_ref().map(|m| &m.layers[i]);
+        // Feed-forward branch: x2 = x1 + drop(fc2(relu(fc1(ln2(x1))))).
+        let dffn = mask.map(|m| masked_grad(be, &dh, &m[1]));
         let dhidden = linear_backward(
             be,
             params,
@@ -357,7 +466,7 @@ pub fn backward<B: Backend>(
             spec.ffn,
             d,
             all(be, &layer.hidden),
-            all(be, &dh),
+            all(be, dffn.as_ref().unwrap_or(&dh)),
         );
         let mut dpre = be.zeros(rows * spec.ffn);
         be.relu_backward(
@@ -390,7 +499,8 @@ pub fn backward<B: Backend>(
         );
         let mut dx1 = be.zeros(rows * d);
         be.add(all(be, &dh), all(be, &dx1_ln), all_mut(be, &mut dx1));
-        // Attention branch: x1 = x0 + out(attention(q, k, v of ln1(x0))).
+        // Attention branch: x1 = x0 + drop(out(attention(q, k, v of ln1(x0)))).
+        let dattn = mask.map(|m| masked_grad(be, &dx1, &m[0]));
         let datt = linear_backward(
             be,
             params,
@@ -401,7 +511,7 @@ pub fn backward<B: Backend>(
             inner,
             d,
             all(be, &layer.att),
-            all(be, &dx1),
+            all(be, dattn.as_ref().unwrap_or(&dx1)),
         );
         let (mut dq, mut dk, mut dv) = (
             be.zeros(rows * inner),
@@ -452,15 +562,34 @@ pub fn backward<B: Backend>(
         dh = dx0;
     }
     let mut dx = be.zeros(rows * d);
-    let plane = plane_range(idx, tape.plane, d);
-    be.embed_backward(
-        tape.b,
-        tape.t,
-        d,
-        (d as f32).sqrt(),
-        all(be, &dh),
-        all_mut(be, &mut dx),
-        be.view_mut(grads, plane),
-    );
+    let scale = (d as f32).sqrt();
+    if let [(plane, _)] = tape.segments[..] {
+        be.embed_backward(
+            tape.b,
+            tape.t,
+            d,
+            scale,
+            all(be, &dh),
+            all_mut(be, &mut dx),
+            be.view_mut(grads, plane_range(idx, plane, d)),
+        );
+    } else {
+        for s in 0..tape.b {
+            let mut start = s * tape.t;
+            for &(plane, len) in &tape.segments {
+                let r = start * d..(start + len) * d;
+                be.embed_backward(
+                    1,
+                    len,
+                    d,
+                    scale,
+                    be.view(&dh, r.clone()),
+                    be.view_mut(&mut dx, r),
+                    be.view_mut(grads, plane_range(idx, plane, d)),
+                );
+                start += len;
+            }
+        }
+    }
     dx
 }

@@ -74,11 +74,13 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
             .apply(&mut positives[k * per..(k + 1) * per]);
     }
     let triplet = args.stage == "triplet";
-    let part = layout.part_range(if triplet {
-        Part::Encoder
-    } else {
-        Part::Transformer
-    });
+    let trainable = args.stage == "mevp-trainable";
+    let part = match args.stage.as_str() {
+        "triplet" => layout.part_range(Part::Encoder),
+        "mevp" => layout.part_range(Part::Transformer),
+        // The whole buffer: the parts are contiguous, transformer then encoder.
+        _ => layout.part_range(Part::Transformer).start..layout.part_range(Part::Encoder).end,
+    };
     let pos = Plane::ALL.map(|p| init::positions(p.geometry(cfg.grid).0, cfg.d, cfg.pos_base));
     let tokens = Plane::ALL.map(|p| objective::mask_token(&be, &net, &params, &layout, p));
     let masks: Vec<Masks> = (0..b as u64)
@@ -102,8 +104,15 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
         })
         .sum();
     // Triplet: forward + backward (about 2x forward) for anchors and positives. MEVP (frozen,
-    // uncached): one encoder forward; the transformer is small next to it and not counted.
-    let flops_per_subject = if triplet { 6.0 * fwd_flops } else { fwd_flops };
+    // uncached): one encoder forward; trainable: forward + backward. The transformer is small
+    // next to the encoder and not counted.
+    let flops_per_subject = if triplet {
+        6.0 * fwd_flops
+    } else if trainable {
+        3.0 * fwd_flops
+    } else {
+        fwd_flops
+    };
     println!(
         "bench step: preset {}, stage {}, batch {b}, threads {}, {} steps after 1 warm-up",
         cfg.preset,
@@ -126,6 +135,19 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
                 &positives,
                 b,
                 1.0,
+            )
+        } else if trainable {
+            objective::mevp_trainable(
+                &be,
+                &net,
+                &params,
+                Some(&mut grads),
+                &layout,
+                &anchors,
+                &pos,
+                &masks,
+                &objective::MevpOptions::default(),
+                None,
             )
         } else {
             let targets = Plane::ALL

@@ -77,16 +77,23 @@ pub struct RunConfig {
     /// Steps between log lines.
     pub log_every: u64,
     pub val_every_epoch: bool,
+    /// Dropout in the MEVP transformer (after the attention projection and after the
+    /// feed-forward block), training steps only; 0 is the default and the paper's model
+    /// without it.
     pub dropout: f32,
     pub pos_base: f64,
+    /// One sequence of the three planes' tokens per subject instead of one per plane.
     pub joint_sequence: bool,
+    /// MEVP trains the encoder too (targets detached; `cache_targets` does not apply).
     pub trainable_encoder_in_mevp: bool,
     /// Triplet margin.
     pub margin: f64,
     /// Fraction of each plane's slice positions masked by MEVP (floored per plane).
     pub mask_fraction: f64,
-    /// Keep each subject's encoder vectors in memory during MEVP: the encoder is frozen, so
-    /// they never change and later epochs skip the encoder (bit-identical results).
+    /// Keep each subject's encoder vectors in RUN_DIR/mevp-cache during MEVP, keyed by the
+    /// corpus and encoder checksums: the encoder is frozen, so they never change, and later
+    /// epochs, validation and resumed runs skip the encoder (bit-identical results). Not used
+    /// with `trainable_encoder_in_mevp`.
     pub cache_targets: bool,
     /// Size of the gradient buckets summed over ranks while backward runs, in KiB.
     pub allreduce_bucket_kb: usize,

@@ -7,6 +7,7 @@ pub mod overlap;
 pub mod prefetch;
 pub mod pretrain;
 pub mod scaling;
+pub mod target_cache;
 
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use config::{RunConfig, Stage, Stages};

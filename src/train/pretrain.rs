@@ -1,11 +1,13 @@
-//! The pretraining loop: triplet (encoder) then MEVP (transformer, encoder frozen) in one run
-//! folder, with validation each epoch, early stopping, checkpoints and exact resume. Every
-//! random draw is keyed by (seed, epoch, subject, purpose), so a resumed run repeats the
-//! uninterrupted one bit for bit without saving any RNG state.
+//! The pretraining loop: triplet (encoder) then MEVP (transformer, encoder frozen unless
+//! `trainable_encoder_in_mevp`) in one run folder, with validation each epoch, early
+//! stopping, checkpoints and exact resume. Every random draw is keyed by (seed, epoch,
+//! subject, purpose), so a resumed run repeats the uninterrupted one bit for bit without
+//! saving any RNG state.
 use super::checkpoint::{self, Checkpoint, CheckpointMeta};
 use super::config::{RunConfig, Stage, Stages};
 use super::overlap::Overlap;
 use super::prefetch::{self, Prefetch};
+use super::target_cache::{self, TargetCache};
 use crate::backend::{Adam, Backend};
 use crate::data::corpus::Corpus;
 use crate::data::shard;
@@ -14,7 +16,7 @@ use crate::model::augment::Curve;
 use crate::model::config::ModelConfig;
 use crate::model::init;
 use crate::model::layout::{Layout, Part};
-use crate::model::objective::{self, Masks, Net};
+use crate::model::objective::{self, DropoutDraw, Masks, MevpOptions, Net};
 use crate::model::params::ParamIndex;
 use crate::model::planes::Plane;
 use crate::rng;
@@ -95,8 +97,9 @@ pub struct Trainer<'a, B: Backend> {
     pub unreadable: Option<usize>,
     /// Set by SIGUSR1/SIGTERM: checkpoint after the current step and exit 75.
     pub stop_signal: Arc<AtomicBool>,
-    /// MEVP targets per subject and plane (see [`Trainer::targets`]); emptied at each stage.
-    pub cache: std::cell::RefCell<std::collections::HashMap<usize, [Vec<f32>; 3]>>,
+    /// The MEVP target cache in the run folder (see [`Trainer::targets`]); its key folder is
+    /// chosen again at each stage.
+    pub cache: std::cell::RefCell<TargetCache>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -169,6 +172,36 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
     }
 
+    /// The parameters a stage trains (gradients zeroed, clipped and stepped over this range):
+    /// its [`Part`], or with `trainable_encoder_in_mevp` the whole buffer for MEVP (the parts
+    /// are contiguous: transformer, then encoder).
+    pub fn trainable_range(&self, stage: Stage) -> std::ops::Range<usize> {
+        if stage == Stage::Mevp && self.cfg.trainable_encoder_in_mevp {
+            let (t, e) = (
+                self.layout.part_range(Part::Transformer),
+                self.layout.part_range(Part::Encoder),
+            );
+            t.start..e.end
+        } else {
+            self.layout.part_range(Self::part(stage))
+        }
+    }
+
+    /// The MEVP options of this run; dropout only in training steps (those that compute
+    /// gradients), keyed by (seed, epoch, subject), never in validation.
+    fn mevp_options(&self, training: bool, subjects: &[usize], epoch_key: u64) -> MevpOptions {
+        let dropout = (training && self.cfg.dropout > 0.0).then(|| DropoutDraw {
+            p: self.cfg.dropout,
+            seed: self.cfg.seed,
+            key: epoch_key,
+            subjects: subjects.iter().map(|&s| s as u64).collect(),
+        });
+        MevpOptions {
+            joint: self.cfg.joint_sequence,
+            dropout,
+        }
+    }
+
     /// Volumes of the given corpus subjects, concatenated `[b, X, Y, Z]`.
     fn read_volumes(&self, subjects: &[usize]) -> Result<Vec<f32>> {
         let mut out = Vec::new();
@@ -236,15 +269,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .collect()
     }
 
-    /// Position codes and [MASK] vectors per plane (fixed while the encoder is frozen).
+    /// Position codes and [MASK] vectors per plane (fixed while the encoder is frozen). With
+    /// a trainable encoder the [MASK] vectors change every step: the objective computes them,
+    /// and they are left empty here.
     fn mevp_constants(&self, params: &B::Buf) -> MevpConsts<B> {
         let pos = Plane::ALL.map(|p| {
             let (n, _, _) = p.geometry(self.model.grid);
             self.be
                 .upload(&init::positions(n, self.model.d, self.model.pos_base))
         });
-        let tokens =
-            Plane::ALL.map(|p| objective::mask_token(self.be, &self.net, params, &self.layout, p));
+        let tokens = Plane::ALL.map(|p| {
+            if self.cfg.trainable_encoder_in_mevp {
+                self.be.zeros(0)
+            } else {
+                objective::mask_token(self.be, &self.net, params, &self.layout, p)
+            }
+        });
         (pos, tokens)
     }
 
@@ -279,26 +319,58 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             Stage::Mevp => {
                 let (pos, tokens) = consts.expect("MEVP needs its constants");
-                let targets = self.targets(params, subjects, volumes);
                 let masks = self.masks(subjects, epoch_key, purpose);
-                objective::mevp(
-                    self.be, &self.net, params, grads, idx, &targets, tokens, pos, &masks,
+                let opts = self.mevp_options(grads.is_some(), subjects, epoch_key);
+                if self.cfg.trainable_encoder_in_mevp {
+                    // The encoder changes every step: no cache, targets from this forward.
+                    return objective::mevp_trainable(
+                        self.be, &self.net, params, grads, idx, volumes, pos, &masks, &opts, None,
+                    );
+                }
+                let targets = self.targets(params, subjects, volumes);
+                objective::mevp_with(
+                    self.be, &self.net, params, grads, idx, &targets, tokens, pos, &masks, &opts,
                 )
             }
         }
     }
 
-    /// MEVP targets of a batch: the encoder's vectors per plane, from the cache when every
-    /// subject is in it (the encoder is frozen during MEVP, so they never change).
+    /// MEVP targets of a batch: the encoder's vectors per plane. With `cache_targets`, read
+    /// from the run folder's cache when every subject has a file there for this corpus and
+    /// this encoder (it is frozen during MEVP, so they never change), else computed and the
+    /// missing files written (see [`target_cache`](super::target_cache)). A cache that cannot
+    /// be used only costs time: a warning, and the encoder runs.
     fn targets(&self, params: &B::Buf, subjects: &[usize], volumes: &[f32]) -> [B::Buf; 3] {
         let d = self.model.d;
-        if self.cfg.cache_targets {
-            let cache = self.cache.borrow();
-            if subjects.iter().all(|s| cache.contains_key(s)) {
+        let counts = Plane::ALL.map(|p| p.geometry(self.model.grid).0);
+        let mut cache = self.cache.borrow_mut();
+        let place = if self.cfg.cache_targets {
+            // The key is computed at every call, so a changed encoder can never hit.
+            let enc = self.layout.part_range(Part::Encoder);
+            let mut host = vec![0.0f32; enc.len()];
+            self.be.download(self.be.view(params, enc), &mut host);
+            let key = target_cache::key(&self.corpus_checksum, &host);
+            match cache.folder(&self.out, &key) {
+                Ok(folder) => Some((folder, key)),
+                Err(e) => {
+                    cache.warn(&e);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut found = Vec::with_capacity(subjects.len());
+        if let Some((folder, key)) = &place {
+            for &s in subjects {
+                found.push(cache.read(folder, key, s, d, counts));
+            }
+            if found.iter().all(Option::is_some) {
+                let found: Vec<_> = found.into_iter().flatten().collect();
                 return Plane::ALL.map(|p| {
-                    let host: Vec<f32> = subjects
+                    let host: Vec<f32> = found
                         .iter()
-                        .flat_map(|s| cache[s][p.index()].iter().copied())
+                        .flat_map(|v| v[p.index()].iter().copied())
                         .collect();
                     self.be.upload(&host)
                 });
@@ -308,20 +380,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let targets = Plane::ALL.map(|p| {
             objective::encode_plane(self.be, &self.net, params, &self.layout, p, volumes, b)
         });
-        if self.cfg.cache_targets {
-            let mut cache = self.cache.borrow_mut();
+        if let Some((folder, key)) = &place {
             let hosts = targets.each_ref().map(|t| {
                 let mut h = vec![0.0f32; self.be.len(t)];
                 self.be.download(self.be.view(t, 0..h.len()), &mut h);
                 h
             });
+            let per = counts.map(|n| n * d);
             for (k, &s) in subjects.iter().enumerate() {
-                cache.entry(s).or_insert_with(|| {
-                    Plane::ALL.map(|p| {
-                        let per = p.geometry(self.model.grid).0 * d;
-                        hosts[p.index()][k * per..(k + 1) * per].to_vec()
-                    })
-                });
+                if found[k].is_some() {
+                    continue;
+                }
+                let parts = [0, 1, 2].map(|p| &hosts[p][k * per[p]..(k + 1) * per[p]]);
+                if let Err(e) = cache.write(folder, key, s, d, parts) {
+                    cache.warn(&e);
+                }
             }
         }
         targets
@@ -470,7 +543,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 state.stale_epochs = 0;
                 state.best_val = None;
             }
-            let part = self.layout.part_range(Self::part(stage));
+            let part = self.trainable_range(stage);
             let consts = (stage == Stage::Mevp).then(|| self.mevp_constants(&state.params));
             self.cache.borrow_mut().clear();
             let reader = Prefetch::start(
@@ -843,13 +916,6 @@ fn effective_config(args: &crate::cli::PretrainArgs, world: &World) -> Result<Ru
     }
     let refuse = |e: anyhow::Error| Collective::new(world, 1, format!("{e:#}"));
     cfg.validate().map_err(refuse)?;
-    if cfg.dropout != 0.0 || cfg.joint_sequence || cfg.trainable_encoder_in_mevp {
-        return Err(refuse(anyhow::anyhow!(
-            "dropout, joint_sequence and trainable_encoder_in_mevp are not implemented yet: \
-             leave them at their defaults (0, false, false)"
-        ))
-        .into());
-    }
     let per = shard::per_rank_batch(cfg.batch, world.size).map_err(refuse)?;
     if per % 2 != 0 {
         return Err(refuse(anyhow::anyhow!(

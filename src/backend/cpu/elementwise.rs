@@ -1,6 +1,7 @@
-//! Elementwise ops of the CPU backend: ReLU, residual adds, axpy and row biases. Each output
-//! element is written by one thread from its own inputs, so results never depend on the
-//! thread count; the one reduction (the bias gradient) sums fixed row chunks in a fixed order.
+//! Elementwise ops of the CPU backend: ReLU, residual adds, axpy, products and row biases.
+//! Each output element is written by one thread from its own inputs, so results never depend
+//! on the thread count; the one reduction (the bias gradient) sums fixed row chunks in a fixed
+//! order.
 use super::Real;
 use rayon::prelude::*;
 
@@ -54,6 +55,19 @@ pub fn axpy<T: Real>(alpha: f32, x: &[T], y: &mut [T]) {
         .for_each(|(y, x)| {
             for (y, &x) in y.iter_mut().zip(x) {
                 *y += alpha * x;
+            }
+        });
+}
+
+/// `y = a * b` elementwise (dropout multipliers).
+pub fn mul<T: Real>(a: &[T], b: &[T], y: &mut [T]) {
+    assert_eq!(a.len(), y.len(), "mul: a and y lengths");
+    assert_eq!(b.len(), y.len(), "mul: b and y lengths");
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| {
+            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                *y = a * b;
             }
         });
 }
@@ -132,6 +146,11 @@ mod tests {
         axpy(0.5, &a, &mut z);
         for i in 0..12 {
             assert_eq!(z[i], b[i] + 0.5 * a[i]);
+        }
+        let mut p = vec![0.0; 12];
+        mul(&a, &b, &mut p);
+        for i in 0..12 {
+            assert_eq!(p[i], a[i] * b[i]);
         }
         let bias = random(4, 5);
         let mut w = a.clone();

@@ -194,6 +194,10 @@ macro_rules! cpu_backend {
             fn axpy(&self, alpha: f32, x: &[$t], y: &mut [$t]) {
                 elementwise::axpy(alpha, x, y);
             }
+            fn mul(&self, n: usize, a: &[$t], b: &[$t], y: &mut [$t]) {
+                assert_eq!(y.len(), n, "mul: y length");
+                elementwise::mul(a, b, y);
+            }
             fn add_bias(&self, rows: usize, d: usize, bias: &[$t], y: &mut [$t]) {
                 elementwise::add_bias(rows, d, bias, y);
             }

@@ -46,6 +46,7 @@ pub const FILES: &[KernelFile] = &[
             "relu_forward",
             "relu_backward",
             "add",
+            "mul",
             "axpy",
             "add_bias"
         ]

@@ -888,6 +888,15 @@ impl Backend for Cuda {
         }
     }
 
+    fn mul(&self, n: usize, a: DeviceView<'_>, b: DeviceView<'_>, y: DeviceViewMut<'_>) {
+        same_len(a.len(), n, "mul");
+        same_len(b.len(), n, "mul");
+        same_len(y.len(), n, "mul");
+        if n > 0 {
+            launch!(self, "mul", elementwise(n); a.ptr(), b.ptr(), i64_of(n), y.ptr());
+        }
+    }
+
     fn axpy(&self, alpha: f32, x: DeviceView<'_>, y: DeviceViewMut<'_>) {
         same_len(x.len(), y.len(), "axpy");
         if !y.is_empty() {
