@@ -64,6 +64,12 @@ pub struct BenchStepArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where to compute: auto (a CUDA GPU when present, else the CPU), cpu or cuda.
+    #[arg(long, value_enum, default_value_t = crate::backend::device::DeviceRequest::Auto)]
+    pub device: crate::backend::device::DeviceRequest,
+    /// With a CUDA GPU: let cuBLAS use TF32 tensor cores for f32 GEMMs.
+    #[arg(long)]
+    pub tf32: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -58,14 +58,40 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
             args.batch
         );
     }
+    use crate::backend::device::{self, Device};
+    let chosen = device::resolve(args.device, 0)?;
+    if let Some(notice) = &chosen.notice {
+        println!("{notice}");
+    }
+    match chosen.device {
+        Device::Cpu => run_on(&Cpu, args),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, name, .. } => {
+            let be = crate::backend::cuda::Cuda::new(
+                ordinal,
+                crate::backend::cuda::CudaOptions { tf32: args.tf32 },
+            )?;
+            println!(
+                "GPU {ordinal}: {name}{}",
+                if args.tf32 { " (TF32)" } else { "" }
+            );
+            run_on(&be, args)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => bail!("this binary was built without the `cuda` feature"),
+    }
+}
+
+/// The timed steps on one backend. Each step ends by reading a parameter back, so a device
+/// backend's queued work is inside the step's time.
+fn run_on<B: Backend>(be: &B, args: &crate::cli::BenchStepArgs) -> Result<()> {
     let cfg = ModelConfig::preset(args.preset);
     let layout = Layout::new(&cfg);
     let net = Net::new(&cfg);
-    let be = Cpu;
     let b = args.batch;
-    let mut params = init::init_params(&layout, 0);
-    let (mut m, mut v) = (vec![0.0f32; layout.total()], vec![0.0f32; layout.total()]);
-    let mut grads = vec![0.0f32; layout.total()];
+    let n = layout.total();
+    let mut params = be.upload(&init::init_params(&layout, 0));
+    let (mut m, mut v, mut grads) = (be.zeros(n), be.zeros(n), be.zeros(n));
     let anchors = volumes(cfg.grid, b);
     let per: usize = cfg.grid.iter().product();
     let mut positives = anchors.clone();
@@ -81,8 +107,14 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
         // The whole buffer: the parts are contiguous, transformer then encoder.
         _ => layout.part_range(Part::Transformer).start..layout.part_range(Part::Encoder).end,
     };
-    let pos = Plane::ALL.map(|p| init::positions(p.geometry(cfg.grid).0, cfg.d, cfg.pos_base));
-    let tokens = Plane::ALL.map(|p| objective::mask_token(&be, &net, &params, &layout, p));
+    let pos = Plane::ALL.map(|p| {
+        be.upload(&init::positions(
+            p.geometry(cfg.grid).0,
+            cfg.d,
+            cfg.pos_base,
+        ))
+    });
+    let tokens = Plane::ALL.map(|p| objective::mask_token(be, &net, &params, &layout, p));
     let masks: Vec<Masks> = (0..b as u64)
         .map(|k| {
             let counts = cfg.masked_per_plane(0.1);
@@ -123,10 +155,10 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
     let mut times = Vec::new();
     for step in 0..=args.steps {
         let t = Instant::now();
-        grads[part.clone()].fill(0.0);
+        be.fill(be.view_mut(&mut grads, part.clone()), 0.0);
         let loss = if triplet {
             objective::triplet(
-                &be,
+                be,
                 &net,
                 &params,
                 Some(&mut grads),
@@ -138,7 +170,7 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
             )
         } else if trainable {
             objective::mevp_trainable(
-                &be,
+                be,
                 &net,
                 &params,
                 Some(&mut grads),
@@ -151,9 +183,9 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
             )
         } else {
             let targets = Plane::ALL
-                .map(|p| objective::encode_plane(&be, &net, &params, &layout, p, &anchors, b));
+                .map(|p| objective::encode_plane(be, &net, &params, &layout, p, &anchors, b));
             objective::mevp(
-                &be,
+                be,
                 &net,
                 &params,
                 Some(&mut grads),
@@ -174,11 +206,12 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
         };
         be.adam(
             &h,
-            &mut params[part.clone()],
-            &grads[part.clone()],
-            &mut m[part.clone()],
-            &mut v[part.clone()],
+            be.view_mut(&mut params, part.clone()),
+            be.view(&grads, part.clone()),
+            be.view_mut(&mut m, part.clone()),
+            be.view_mut(&mut v, part.clone()),
         );
+        be.scalar(be.view(&params, part.start..part.start + 1));
         let s = t.elapsed().as_secs_f64();
         if step > 0 {
             times.push(s);
