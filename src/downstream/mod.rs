@@ -107,3 +107,22 @@ pub fn check_fraction(f: f64) -> Result<f64, String> {
         Err(format!("label fraction {f} is outside (0, 1]"))
     }
 }
+
+/// Task and Init are written as their names in JSON.
+macro_rules! serde_by_name {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_by_name!(Task);
+serde_by_name!(Init);
