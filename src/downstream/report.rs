@@ -722,8 +722,13 @@ metric, paired by (fold, seed), with a percentile bootstrap 95% interval of its 
             if !diffs.is_empty() {
                 let _ = writeln!(
                     md,
-                    "\nPretrained minus scratch, `{}`:\n\n| fraction | pairs | unpaired | mean difference | 95% CI |\n|---|---|---|---|---|",
-                    task.main_metric()
+                    "\nPretrained minus scratch, `{}` ({} favours pretraining):\n\n| fraction | pairs | unpaired | mean difference | 95% CI |\n|---|---|---|---|---|",
+                    task.main_metric(),
+                    if task.higher_is_better() {
+                        "positive"
+                    } else {
+                        "negative"
+                    }
                 );
                 for d in diffs {
                     let mean = d.summary.mean.map(short).unwrap_or_else(|| "null".into());
@@ -935,6 +940,14 @@ metric, paired by (fold, seed), with a percentile bootstrap 95% interval of its 
                 ly + 4.0
             );
         }
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#555555">mean, bars ±1 sd</text><text x="{:.1}" y="{:.1}" font-size="10" fill="#555555">over folds and seeds</text>"##,
+            w - right + 15.0,
+            top + 58.0,
+            w - right + 15.0,
+            top + 71.0
+        );
         s.push_str("</svg>\n");
         Some(s)
     }
@@ -1396,6 +1409,14 @@ pub(crate) mod tests {
             "{md}"
         );
         assert!(md.contains("Main metric: `mae` (lower is better)"), "{md}");
+        assert!(
+            md.contains("Pretrained minus scratch, `auc` (positive favours pretraining)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("Pretrained minus scratch, `mae` (negative favours pretraining)"),
+            "{md}"
+        );
 
         let svg = r.svg(Task::Diagnosis).unwrap();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
