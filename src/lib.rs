@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod dist;
+pub mod downstream;
 pub mod io;
 pub mod model;
 pub mod progress;
