@@ -12,6 +12,9 @@ fn cli_doc_matches_help_of_every_subcommand() {
         vec!["pack"],
         vec!["inspect"],
         vec!["pretrain"],
+        vec!["report"],
+        vec!["bench", "step"],
+        vec!["bench", "scaling"],
     ] {
         let mut args = sub.clone();
         args.push("--help");
