@@ -263,6 +263,11 @@ pub struct PretrainArgs {
     /// With a CUDA GPU: let cuBLAS use TF32 tensor cores for f32 GEMMs (faster, ~1e-3 error).
     #[arg(long)]
     pub tf32: bool,
+    /// How gradients are summed over ranks: nccl in GPU memory (builds with the `nccl`
+    /// feature; every rank on a GPU of its own), mpi from host copies (any device), or auto:
+    /// nccl when usable, else mpi (with a notice on GPUs).
+    #[arg(long, value_enum, default_value_t = crate::train::grad_comm::GradCommRequest::Auto)]
+    pub grad_comm: crate::train::grad_comm::GradCommRequest,
     /// Continue from the newest complete checkpoint in RUN_DIR (auto) or from a file.
     #[arg(long)]
     pub resume: Option<String>,

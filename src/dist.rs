@@ -155,6 +155,9 @@ pub struct World {
     /// Index among the ranks on this node, and their number.
     pub local_rank: usize,
     pub local_size: usize,
+    /// This rank's node, named by the world rank of the node's local rank 0 (ranks on one
+    /// node have the same value, ranks on different nodes different ones).
+    pub node: usize,
     #[cfg(feature = "mpi")]
     mpi: Option<MpiWorld>,
 }
@@ -175,6 +178,7 @@ impl World {
             size: 1,
             local_rank: 0,
             local_size: 1,
+            node: 0,
             #[cfg(feature = "mpi")]
             mpi: None,
         }
@@ -231,11 +235,17 @@ impl World {
         }
         let node = world.split_shared(rank as i32);
         let (local_rank, local_size) = (node.rank() as usize, node.size() as usize);
+        let mut leader = [rank as u64];
+        {
+            use mpi::collective::Root;
+            node.process_at_rank(0).broadcast_into(&mut leader[..]);
+        }
         let w = World {
             rank,
             size,
             local_rank,
             local_size,
+            node: leader[0] as usize,
             mpi: Some(MpiWorld {
                 world,
                 node,
@@ -325,6 +335,26 @@ impl World {
             }
         }
         let _ = bytes;
+    }
+
+    /// Every rank's `mine`, in rank order (every rank passes the same number of bytes).
+    pub fn all_gather_bytes(&self, mine: &[u8]) -> Vec<Vec<u8>> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            use mpi::collective::CommunicatorCollectives;
+            // A length that differs between ranks would be undefined behaviour inside MPI:
+            // check it first (an empty record is pointless, and its pointer dangles).
+            let mut lens = [mine.len() as f64, -(mine.len() as f64)];
+            self.all_reduce_f64(&mut lens, Op::Max);
+            assert!(
+                lens[0] == -lens[1] && !mine.is_empty(),
+                "all_gather_bytes: records of different or zero lengths"
+            );
+            let mut all = vec![0u8; mine.len() * self.size];
+            m.world.all_gather_into(mine, &mut all[..]);
+            return all.chunks(mine.len()).map(<[u8]>::to_vec).collect();
+        }
+        vec![mine.to_vec()]
     }
 
     /// Ends the whole job from this rank: MPI_Abort when several ranks run (an uncoordinated
@@ -514,5 +544,7 @@ mod tests {
         let mut b = vec![1u8, 2];
         w.broadcast_bytes(&mut b);
         assert_eq!(b, [1, 2]);
+        assert_eq!(w.all_gather_bytes(&[7, 8, 9]), vec![vec![7, 8, 9]]);
+        assert_eq!(w.node, 0);
     }
 }

@@ -160,12 +160,20 @@ fn two_and_three_ranks_equal_one() {
         &[],
     ));
     let two = run_dir("eq-2");
-    ok(&run(
+    let o = run(
         2,
         &two,
         &[&common_args[..], &["--batch", "4"]].concat(),
         &[],
-    ));
+    );
+    ok(&o);
+    // On the CPU, auto sums through MPI from host copies, and says so without a notice.
+    let t = text(&o);
+    assert!(
+        t.contains("gradients: summed over 2 ranks by MPI from host copies"),
+        "{t}"
+    );
+    assert!(!t.contains("--grad-comm auto:"), "{t}");
     let (l1, l2) = (losses(&one), losses(&two));
     assert_eq!(l1.len(), 10);
     for (a, b) in l1.iter().zip(&l2) {
@@ -286,6 +294,43 @@ fn odd_or_empty_per_rank_batches_are_refused() {
         "{}",
         text(&o)
     );
+}
+
+#[test]
+fn nccl_on_cpu_ranks_is_refused_by_every_rank_together() {
+    let _g = serial();
+    let out = run_dir("nccl-cpu");
+    let child = command(
+        2,
+        &out,
+        &[
+            "--steps",
+            "1",
+            "--batch",
+            "4",
+            "--device",
+            "cpu",
+            "--grad-comm",
+            "nccl",
+        ],
+        &[],
+    )
+    .spawn()
+    .expect("start mpirun");
+    let (o, took) = finish(child, Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    let why = if cfg!(feature = "nccl") {
+        "ranks 0 and 1 of 2 compute on the CPU"
+    } else {
+        "built without the `nccl` feature"
+    };
+    assert!(t.contains("error: --grad-comm nccl: "), "{t}");
+    assert!(t.contains(why), "{t}");
+    // A collective refusal: rank 0 says it once, nobody aborts.
+    assert_eq!(t.matches("--grad-comm nccl:").count(), 1, "{t}");
+    assert!(!t.contains("MPI_ABORT"), "{t}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
 }
 
 #[test]

@@ -399,4 +399,12 @@ pub trait Backend: Send + Sync {
     fn sum_squares(&self, x: Self::View<'_>) -> f64;
     /// `x *= alpha`.
     fn scale(&self, alpha: f32, x: Self::ViewMut<'_>);
+
+    // ---- communication ----
+    /// The device address of the first value of `v` when the backend keeps its buffers in
+    /// GPU memory (for libraries that read and write device memory themselves, such as
+    /// NCCL); None for host memory.
+    fn device_address(&self, _v: Self::View<'_>) -> Option<u64> {
+        None
+    }
 }

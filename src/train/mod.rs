@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod grad_comm;
 pub mod overlap;
 pub mod prefetch;
 pub mod pretrain;

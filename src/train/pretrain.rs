@@ -5,6 +5,7 @@
 //! saving any RNG state.
 use super::checkpoint::{self, Checkpoint, CheckpointMeta};
 use super::config::{RunConfig, Stage, Stages};
+use super::grad_comm::{self, Reducer};
 use super::overlap::Overlap;
 use super::prefetch::{self, Prefetch};
 use super::target_cache::{self, TargetCache};
@@ -97,6 +98,8 @@ pub struct Trainer<'a, B: Backend> {
     pub unreadable: Option<usize>,
     /// Set by SIGUSR1/SIGTERM: checkpoint after the current step and exit 75.
     pub stop_signal: Arc<AtomicBool>,
+    /// How the gradient buckets are summed over ranks (None for a world of one).
+    pub grad_comm: Option<Reducer>,
     /// The MEVP target cache in the run folder (see [`Trainer::targets`]); its key folder is
     /// chosen again at each stage.
     pub cache: std::cell::RefCell<TargetCache>,
@@ -530,8 +533,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 bar.println(line);
             }
         };
-        // The reduction thread of the gradient buckets (None for a world of one).
-        let comm = world.comm_thread();
         // This rank's seconds waiting for data, and in whole steps, reported at the end.
         let (mut waited, mut stepped) = (0.0f64, 0.0f64);
         for &(stage, start) in &plan {
@@ -562,9 +563,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 let t1 = Instant::now();
                 be.fill(be.view_mut(&mut state.grads, part.clone()), 0.0);
                 // With several ranks the gradient's buckets are summed while backward runs.
-                let overlap = comm.as_ref().map(|c| {
+                let overlap = self.grad_comm.as_ref().map(|r| {
                     let floats = self.cfg.allreduce_bucket_kb * 1024 / 4;
-                    Overlap::new(&self.layout, c, part.clone(), floats)
+                    Overlap::new(&self.layout, r, part.clone(), floats)
                 });
                 let mut loss = match &overlap {
                     Some(o) => self.batch_loss(
@@ -869,8 +870,12 @@ fn on_device(args: &crate::cli::PretrainArgs, world: &World, stop: Arc<AtomicBoo
     if let (Some(notice), true) = (&chosen.notice, world.is_root()) {
         println!("{notice}");
     }
+    // The way gradients are summed is chosen once per run, by every rank together.
     match chosen.device {
-        Device::Cpu => run_rank(&crate::backend::cpu::Cpu, args, world, stop),
+        Device::Cpu => {
+            let reducer = grad_comm::for_cpu(args.grad_comm, world)?;
+            run_rank(&crate::backend::cpu::Cpu, args, world, stop, reducer)
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda { ordinal, name, .. } => {
             let be = crate::backend::cuda::Cuda::new(
@@ -878,7 +883,8 @@ fn on_device(args: &crate::cli::PretrainArgs, world: &World, stop: Arc<AtomicBoo
                 crate::backend::cuda::CudaOptions { tf32: args.tf32 },
             )?;
             println!("{}: GPU {ordinal} ({name})", world.describe());
-            run_rank(&be, args, world, stop)
+            let reducer = grad_comm::for_cuda(args.grad_comm, world, &be)?;
+            run_rank(&be, args, world, stop, reducer)
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda { .. } => bail!("this binary was built without the `cuda` feature"),
@@ -982,6 +988,7 @@ fn run_rank<B: Backend>(
     args: &crate::cli::PretrainArgs,
     world: &World,
     stop_signal: Arc<AtomicBool>,
+    grad_comm: Option<Reducer>,
 ) -> Result<()> {
     let slurm = SlurmEnv::from_env();
     let threads = threads_per_rank(args, world, &slurm);
@@ -1049,6 +1056,7 @@ fn run_rank<B: Backend>(
         quiet: false,
         world,
         stop_signal,
+        grad_comm,
         cache: Default::default(),
     };
     if trainer.train.len() < trainer.cfg.batch {
@@ -1135,6 +1143,9 @@ fn run_rank<B: Backend>(
             world.size,
             trainer.cfg.batch / world.size
         );
+        if let Some(r) = &trainer.grad_comm {
+            println!("{}", r.describe(world));
+        }
         println!("{}", trainer.cfg.table()?);
         println!(
             "corpus {}: {} training, {} validation subjects; {} steps per epoch; {} steps per stage",

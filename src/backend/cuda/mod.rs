@@ -10,6 +10,8 @@
 //! A CUDA failure inside an op is a device fault or a bug: the op panics with the cause.
 //! Which device to use (and whether there is one) is [`super::device`]'s job.
 pub mod kernels;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod plan;
 
 use super::{Adam, Attention, Backend, Conv2d, Gemm, Pool2d};
@@ -38,6 +40,9 @@ pub struct CudaInfo {
     pub name: String,
     pub compute_capability: (u32, u32),
     pub tf32: bool,
+    /// The GPU's UUID, which tells two GPUs apart whatever CUDA_VISIBLE_DEVICES renumbers
+    /// (None when the driver would not say).
+    pub uuid: Option<[u8; 16]>,
 }
 
 /// An owned device buffer of f32. Zero-length buffers hold one unused element, so every
@@ -258,6 +263,7 @@ impl Cuda {
             .map_err(|e| anyhow::anyhow!("{e:?}"))
             .context("reading the compute capability")?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let uuid = ctx.uuid().ok().map(|u| u.bytes.map(|b| b as u8));
         let (major, minor) = (major as u32, minor as u32);
         let ptx = compiled_ptx(major, minor)?;
         let mut functions = HashMap::new();
@@ -301,6 +307,7 @@ impl Cuda {
                 name,
                 compute_capability: (major, minor),
                 tf32: opts.tf32,
+                uuid,
             },
             ctx,
         })
@@ -1284,6 +1291,10 @@ impl Backend for Cuda {
         if !x.is_empty() {
             launch!(self, "scale_inplace", elementwise(x.len()); x.ptr(), i64_of(x.len()), alpha);
         }
+    }
+
+    fn device_address(&self, v: DeviceView<'_>) -> Option<u64> {
+        Some(v.ptr())
     }
 }
 
