@@ -62,9 +62,11 @@ struct Metrics<'a> {
     compute_s: f64,
     /// Largest time any rank waited for its batch.
     data_wait_s: f64,
-    /// Gradient all-reduce time, and the part of it the step waited for.
+    /// Gradient all-reduce time, and the part of it the step waited for beyond waiting for
+    /// the slowest rank to finish backward (`wait_slowest_s`, load imbalance, not network).
     comm_s: f64,
     comm_exposed_s: f64,
+    wait_slowest_s: f64,
     /// Gradient buckets whose all-reduce started before backward ended.
     comm_buckets_early: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -603,6 +605,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 // Each rank checks its own values before they are mixed (the buckets as they
                 // leave), so the message can name the rank; one small reduction then carries
                 // every per-step decision.
+                // When this rank's backward ended (same clock on one node; across nodes the
+                // clocks' offset adds to wait_slowest_s).
+                let backward_end = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
                 let (grad_bad, times, local_sq) = match &overlap {
                     Some(o) => {
                         let (bad, times) = o.finish(be, &mut state.grads);
@@ -624,7 +631,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 } else {
                     f64::NEG_INFINITY
                 };
-                let mut maxes = [data_s, first_bad];
+                let mut maxes = [data_s, first_bad, backward_end];
                 world.all_reduce_f64(&mut sums, Op::Sum);
                 world.all_reduce_f64(&mut maxes, Op::Max);
                 if sums[1] > 0.0 {
@@ -669,7 +676,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 } else {
                     local_sq.sqrt()
                 };
-                let (comm_s, comm_exposed_s) = (times.comm_s, times.exposed_s);
+                let wait_slowest_s = (maxes[2] - backward_end).clamp(0.0, times.exposed_s);
+                let (comm_s, comm_exposed_s) = (times.comm_s, times.exposed_s - wait_slowest_s);
                 let comm_buckets_early = times.early;
                 // clip 0 turns clipping off (train/config.rs).
                 if self.cfg.clip > 0.0 && norm > self.cfg.clip {
@@ -702,7 +710,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         be.reborrow_mut(&mut vm),
                     );
                 }
-                let compute_s = t1.elapsed().as_secs_f64() - comm_exposed_s;
+                let compute_s = t1.elapsed().as_secs_f64() - times.exposed_s;
                 waited += data_s;
                 stepped += data_s + t1.elapsed().as_secs_f64();
                 state.step += 1;
@@ -721,12 +729,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     lr,
                     grad_norm: norm,
                     subjects_per_s: self.cfg.batch as f64
-                        / (maxes[0] + compute_s + comm_exposed_s).max(1e-9),
+                        / (maxes[0] + compute_s + times.exposed_s).max(1e-9),
                     data_s,
                     compute_s,
                     data_wait_s: maxes[0],
                     comm_s,
                     comm_exposed_s,
+                    wait_slowest_s,
                     comm_buckets_early,
                     val_loss,
                 };
@@ -750,7 +759,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         maxes[0],
                         compute_s,
                         if world.size > 1 {
-                            format!(" comm {comm_s:.3}s ({comm_exposed_s:.3}s exposed)")
+                            format!(
+                                " comm {comm_s:.3}s ({comm_exposed_s:.3}s exposed, \
+                                 {wait_slowest_s:.3}s waiting for the slowest rank)"
+                            )
                         } else {
                             String::new()
                         },
