@@ -4,7 +4,8 @@
 //!
 //! Order: the reverse of the forward pass, so that backward finishes gradients in buffer order
 //! (a later issue all-reduces them in buckets as they finish). The transformer comes first,
-//! then the encoder, so each [`Part`] is one contiguous range.
+//! then the encoder, so each [`Part`] is one contiguous range. A fine-tuning model adds its
+//! task [`Head`] in front of the transformer (backward reaches the head first).
 use crate::model::ModelConfig;
 use crate::model::config::Preset;
 use anyhow::{Result, anyhow};
@@ -18,6 +19,8 @@ pub const ALIGN: usize = 16;
 /// Which network a tensor belongs to; each part is contiguous in the buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Part {
+    /// A downstream task's head (fine-tuning only): first in the buffer.
+    Head,
     /// The slice encoder: trained by the triplet stage.
     Encoder,
     /// The transformer: trained by MEVP.
@@ -25,10 +28,12 @@ pub enum Part {
 }
 
 impl Part {
-    pub const ALL: [Part; 2] = [Part::Transformer, Part::Encoder];
+    /// In buffer order.
+    pub const ALL: [Part; 3] = [Part::Head, Part::Transformer, Part::Encoder];
 
     pub fn name(self) -> &'static str {
         match self {
+            Part::Head => "head",
             Part::Encoder => "encoder",
             Part::Transformer => "transformer",
         }
@@ -73,24 +78,37 @@ impl Entry {
     }
 }
 
+/// The task head a fine-tuning model carries in front of the pretrained networks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Head {
+    /// One logit from the pooled tokens (binary diagnosis): `head.fc [1, 3D]`.
+    Classify,
+    /// One value from the pooled tokens (standardised brain age): `head.fc [1, 3D]`.
+    Regress,
+    /// The per-slice segmentation decoder (`decoder.*`, model/decoder.rs).
+    Segment,
+}
+
 /// The table for one model configuration.
 #[derive(Clone, Debug)]
 pub struct Layout {
     preset: Preset,
+    head: Option<Head>,
     entries: Vec<Entry>,
     total: usize,
     index: HashMap<String, usize>,
 }
 
 /// Collects entries in layout order, assigning aligned offsets.
-struct Builder {
+pub(crate) struct Builder {
     entries: Vec<Entry>,
     next: usize,
     part: Part,
 }
 
 impl Builder {
-    fn push(&mut self, name: String, shape: Vec<usize>, kind: Kind) {
+    pub(crate) fn push(&mut self, name: String, shape: Vec<usize>, kind: Kind) {
         let len = shape.iter().product();
         self.entries.push(Entry {
             name,
@@ -103,12 +121,12 @@ impl Builder {
         self.next = (self.next + len).next_multiple_of(ALIGN);
     }
 
-    fn norm(&mut self, prefix: &str, width: usize) {
+    pub(crate) fn norm(&mut self, prefix: &str, width: usize) {
         self.push(format!("{prefix}.gamma"), vec![width], Kind::NormGamma);
         self.push(format!("{prefix}.beta"), vec![width], Kind::NormBeta);
     }
 
-    fn linear(&mut self, prefix: &str, out: usize, inp: usize) {
+    pub(crate) fn linear(&mut self, prefix: &str, out: usize, inp: usize) {
         self.push(
             format!("{prefix}.weight"),
             vec![out, inp],
@@ -117,18 +135,37 @@ impl Builder {
         self.push(format!("{prefix}.bias"), vec![out], Kind::LinearBias);
     }
 
-    fn conv(&mut self, name: String, cout: usize, cin: usize, k: usize) {
+    pub(crate) fn conv(&mut self, name: String, cout: usize, cin: usize, k: usize) {
         self.push(name, vec![cout, cin, k, k], Kind::Conv);
     }
 }
 
 impl Layout {
+    /// The pretraining model: transformer and encoder.
     pub fn new(cfg: &ModelConfig) -> Self {
+        Self::build(cfg, None)
+    }
+
+    /// A fine-tuning model: `head` in front of the pretrained networks, whose tensors keep
+    /// their names (so a pretraining checkpoint loads by name).
+    pub fn with_head(cfg: &ModelConfig, head: Head) -> Self {
+        Self::build(cfg, Some(head))
+    }
+
+    fn build(cfg: &ModelConfig, head: Option<Head>) -> Self {
         let mut b = Builder {
             entries: Vec::new(),
             next: 0,
-            part: Part::Transformer,
+            part: Part::Head,
         };
+        match head {
+            None => {}
+            Some(Head::Classify | Head::Regress) => {
+                b.linear("head.fc", 1, 3 * cfg.d);
+            }
+            Some(Head::Segment) => super::decoder::layout(&mut b, cfg),
+        }
+        b.part = Part::Transformer;
         let (d, aw) = (cfg.d, cfg.attn_width());
         b.norm("transformer.final_ln", d);
         for l in (1..=cfg.layers).rev() {
@@ -181,6 +218,7 @@ impl Layout {
             .collect();
         Self {
             preset: cfg.preset,
+            head,
             total: b.next,
             entries: b.entries,
             index,
@@ -190,6 +228,11 @@ impl Layout {
     /// The preset this layout was built for.
     pub fn preset(&self) -> Preset {
         self.preset
+    }
+
+    /// The task head, for a fine-tuning model.
+    pub fn head(&self) -> Option<Head> {
+        self.head
     }
 
     /// Entries in buffer order.
@@ -217,13 +260,17 @@ impl Layout {
             .ok_or_else(|| anyhow!("no tensor '{name}' in the {} parameter layout", self.preset))
     }
 
-    /// The buffer range holding one part, padding included.
+    /// The buffer range holding one part, padding included (empty for a part the layout
+    /// does not have).
     pub fn part_range(&self, part: Part) -> Range<usize> {
-        let start = self
+        let Some(start) = self
             .entries
             .iter()
             .find(|e| e.part == part)
-            .map_or(0, |e| e.offset);
+            .map(|e| e.offset)
+        else {
+            return 0..0;
+        };
         let end = self
             .entries
             .iter()

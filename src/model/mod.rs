@@ -5,6 +5,7 @@
 //! objectives, and the planes of a volume as slice batches.
 pub mod augment;
 pub mod config;
+pub mod decoder;
 pub mod encoder;
 pub mod init;
 pub mod layout;
@@ -12,8 +13,9 @@ pub mod linear;
 pub mod objective;
 pub mod params;
 pub mod planes;
+pub mod task;
 pub mod transformer;
 
 pub use config::{ModelConfig, PlaneShape, Preset};
-pub use layout::{Entry, Kind, Layout, Part};
+pub use layout::{Entry, Head, Kind, Layout, Part};
 pub use planes::Plane;

@@ -44,7 +44,7 @@ fn scalar<B: Backend>(be: &B, buf: &B::Buf) -> f64 {
 }
 
 /// The slices of plane `plane` of `b` subjects `volumes [b, X, Y, Z]`, uploaded.
-fn plane_slices<B: Backend>(
+pub(crate) fn plane_slices<B: Backend>(
     be: &B,
     grid: [usize; 3],
     plane: Plane,
