@@ -30,6 +30,7 @@ pub enum Command {
     Pack(PackArgs),
     Inspect(InspectArgs),
     Pretrain(PretrainArgs),
+    Finetune(crate::downstream::finetune::FinetuneArgs),
     Report(crate::downstream::report::ReportArgs),
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -311,6 +312,7 @@ pub fn main() -> ExitCode {
         Command::Pack(a) => crate::data::pack::run(a),
         Command::Inspect(a) => crate::data::inspect::run(a),
         Command::Pretrain(a) => crate::train::pretrain::run(a),
+        Command::Finetune(a) => crate::downstream::finetune::run(a),
         Command::Report(a) => crate::downstream::report::run(a),
         Command::Bench(BenchCommand::Step(a)) => crate::train::bench::run(a),
         Command::Bench(BenchCommand::Scaling(a)) => crate::train::scaling::run(a),

@@ -2,6 +2,7 @@
 //! folds and label-fraction subsets (`folds`), and the report over a grid of fine-tuning runs
 //! (`report`, the grid file and the `metrics.json` schema). docs/DOWNSTREAM.md describes the
 //! conventions and file formats; nothing here touches the model.
+pub mod finetune;
 pub mod folds;
 pub mod metrics;
 pub mod report;

@@ -55,6 +55,9 @@ pub struct Checkpoint {
     pub param_checksum: String,
     /// Whether /adam_m and /adam_v are present.
     pub has_moments: bool,
+    /// A fine-tuned model's task record (JSON, attribute `downstream`), written by
+    /// `mtx-hpc finetune`; None in a pretraining checkpoint.
+    pub downstream: Option<String>,
     file: File,
 }
 
@@ -89,6 +92,19 @@ impl Checkpoint {
         m: Option<&[f32]>,
         v: Option<&[f32]>,
         meta: &CheckpointMeta,
+    ) -> Result<()> {
+        Self::write_with(path, layout, params, m, v, meta, None)
+    }
+
+    /// [`Checkpoint::write`] with a fine-tuned model's task record (`downstream`, JSON).
+    pub fn write_with(
+        path: &Path,
+        layout: &Layout,
+        params: &[f32],
+        m: Option<&[f32]>,
+        v: Option<&[f32]>,
+        meta: &CheckpointMeta,
+        downstream: Option<&str>,
     ) -> Result<()> {
         let p = path.display();
         if meta.model.preset != layout.preset() {
@@ -131,6 +147,9 @@ impl Checkpoint {
             .create(out.path())
             .with_context(ctx)?;
         write_root_attrs(&file, meta, &checksum).with_context(ctx)?;
+        if let Some(d) = downstream {
+            write_str_attr(&file, "downstream", d).with_context(ctx)?;
+        }
         write_tensors(&file, PARAMS, layout, params).with_context(ctx)?;
         if let Some((m, v)) = moments {
             write_tensors(&file, ADAM_M, layout, m).with_context(ctx)?;
@@ -186,6 +205,7 @@ impl Checkpoint {
                 .with_context(|| p.to_string())?,
             meta,
             has_moments: has_m,
+            downstream: read_str_attr(&file, "downstream").ok(),
             file,
         })
     }

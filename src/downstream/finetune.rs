@@ -1,0 +1,1010 @@
+//! `mtx-hpc finetune`: one downstream run (one grid cell). Reads the parameters of a
+//! pretraining checkpoint (or initialises at random: `--scratch`), adds the task's head, trains
+//! on fold k's training part (optionally a label fraction of it), picks the epoch (and the
+//! diagnosis threshold) on an inner validation split, and evaluates once on fold k's test
+//! part. Writes `metrics.json` (docs/DOWNSTREAM.md), `predictions.csv` and the fine-tuned
+//! checkpoint `finetuned.h5`. With `--grid-file F --cell N` the cell comes from a grid file
+//! and the run goes to `OUT/<cell folder>`; a cell whose `metrics.json` exists is skipped, a
+//! failed one leaves `failed.txt`.
+use super::folds::{Folds, Part, SessionLabel, TaskLabel};
+use super::metrics::{self, AgeBias, Confusion, MetricSet};
+use super::report::{self, Cell, Grid, METRICS_FORMAT, MetricsFile};
+use super::{Init, Task};
+use crate::backend::Backend;
+use crate::backend::device::DeviceRequest;
+use crate::data::corpus::Corpus;
+use crate::io::file_checksum;
+use crate::model::objective::Net;
+use crate::model::task::{self, Scalar};
+use crate::model::{Head, Layout, ModelConfig, Part as LayoutPart, Plane, Preset, init};
+use crate::train::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::train::{RunConfig, Stage};
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Fine-tune and evaluate one downstream task from a pretraining checkpoint (or from scratch).
+#[derive(clap::Args, Debug, Clone)]
+#[command(
+    about = "Fine-tune and evaluate a downstream task (diagnosis, age, segmentation) on one fold",
+    long_about = "Fine-tune the pretrained Medical Transformer on one downstream task and \
+evaluate it on one cross-validation fold. The folds come from (subject ids, the task's labels, \
+--seed): stratified, grouped by subject, disjoint and complete (docs/DOWNSTREAM.md). The run \
+trains on fold k's training part (or the nested --label-fraction of it), picks the epoch with \
+the lowest loss on an inner validation split (and, for diagnosis, the decision threshold), then \
+evaluates once on fold k's test part.\n\nWrites into --out: metrics.json (every metric, null \
+with a reason where one cannot be computed), predictions.csv (one row per test session) and \
+finetuned.h5 (the fine-tuned model, for `mtx-hpc predict`).\n\nWith --grid-file F --cell N the \
+task, fold, label fraction, initialisation and seed come from cell N of the grid file, and \
+the run goes to OUT/TASK/fraction-F/INIT/fold-K-seed-S/; a cell whose metrics.json exists is \
+skipped, so rerunning a grid fills only the holes, and a failing cell leaves failed.txt \
+there.",
+    after_help = "Examples:\n  mtx-hpc finetune --task diagnosis --corpus clinical.h5 \
+--checkpoint run/best.h5 --out ft/diag --folds 5 --fold 0\n  mtx-hpc finetune --task age \
+--corpus clinical.h5 --scratch --preset small --out ft/age-scratch --label-fraction 0.25\n  \
+mtx-hpc finetune --grid-file jobs/eval_grid.txt --cell 3 --corpus clinical.h5 --checkpoint \
+run --out eval"
+)]
+pub struct FinetuneArgs {
+    /// The downstream task (required unless --grid-file gives it).
+    #[arg(long, value_parser = parse_task)]
+    pub task: Option<Task>,
+    /// The corpus with the task's labels (the clinical cohort).
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// Output folder of the run (with --grid-file: the grid's root folder).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Pretraining checkpoint, or a pretraining run folder (its best.h5, else final.h5).
+    #[arg(long, conflicts_with = "scratch")]
+    pub checkpoint: Option<PathBuf>,
+    /// Train the same model from random initialisation: the baseline.
+    #[arg(long)]
+    pub scratch: bool,
+    /// Model preset for --scratch (default: the preset whose grid the corpus has).
+    #[arg(long, value_parser = parse_preset)]
+    pub preset: Option<Preset>,
+    /// Number of cross-validation folds K.
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// The test fold, 0 to K-1.
+    #[arg(long, default_value_t = 0)]
+    pub fold: usize,
+    /// Fraction of the fold's training subjects whose labels are used, in (0, 1]; smaller
+    /// fractions are subsets of larger ones.
+    #[arg(long, default_value_t = 1.0)]
+    pub label_fraction: f64,
+    /// Train the head and the transformer only; the encoder keeps its pretrained weights.
+    #[arg(long)]
+    pub freeze_encoder: bool,
+    /// Diagnosis: the negative and the positive class, as the corpus spells them.
+    #[arg(long, default_value = "CN,AD")]
+    pub classes: String,
+    /// Training epochs (the epoch with the lowest inner-validation loss is kept).
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    /// Subjects per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    /// Fraction of the (label-fraction) training subjects held out for the inner validation.
+    #[arg(long, default_value_t = 0.2)]
+    pub val_fraction: f64,
+    /// Seed of folds, subsets, initialisation and batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = DeviceRequest::Auto)]
+    pub device: DeviceRequest,
+    /// Worker threads (default: SLURM_CPUS_PER_TASK under Slurm, else every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// A grid file (docs/DOWNSTREAM.md): the run is its cell --cell.
+    #[arg(long, requires = "cell")]
+    pub grid_file: Option<PathBuf>,
+    /// The grid cell to run, from 0 (default: SLURM_ARRAY_TASK_ID).
+    #[arg(long)]
+    pub cell: Option<usize>,
+    /// Replace an existing finished run in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_task(s: &str) -> Result<Task, String> {
+    s.parse()
+}
+
+fn parse_preset(s: &str) -> Result<Preset, String> {
+    Preset::from_name(s).ok_or_else(|| format!("unknown preset '{s}' (paper, small or tiny)"))
+}
+
+/// What a fine-tuned checkpoint records about its task (attribute `downstream`, JSON):
+/// enough for `predict` to turn outputs into answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub task: Task,
+    pub head: Head,
+    /// Diagnosis: [negative, positive].
+    pub classes: Option<[String; 2]>,
+    /// Diagnosis: the threshold on the positive-class probability.
+    pub threshold: Option<f64>,
+    /// Age: the standardisation of the training targets (age = mean + sd * output).
+    pub age_mean: Option<f64>,
+    pub age_sd: Option<f64>,
+    /// Age: the bias correction fitted on the training part.
+    pub age_bias: Option<[f64; 2]>,
+    pub init: Init,
+    pub fold: usize,
+    pub folds: usize,
+    pub fraction: f64,
+    pub seed: u64,
+    pub corpus_checksum: String,
+    pub checkpoint_checksum: Option<String>,
+}
+
+/// One run, with everything resolved.
+#[derive(Clone, Debug)]
+struct Spec {
+    task: Task,
+    fold: usize,
+    folds: usize,
+    fraction: f64,
+    seed: u64,
+    /// The pretraining checkpoint file (None: scratch).
+    checkpoint: Option<PathBuf>,
+    out: PathBuf,
+}
+
+pub fn run(args: &FinetuneArgs) -> Result<()> {
+    let threads = args.threads.or_else(|| {
+        std::env::var("SLURM_CPUS_PER_TASK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = threads {
+        pool = pool.num_threads(t);
+    }
+    let pool = pool.build().context("cannot set up the worker threads")?;
+    pool.install(|| match &args.grid_file {
+        Some(grid) => run_cell(args, grid),
+        None => {
+            let task = args
+                .task
+                .ok_or_else(|| anyhow!("--task is required (or --grid-file and --cell)"))?;
+            let spec = Spec {
+                task,
+                fold: args.fold,
+                folds: args.folds,
+                fraction: args.label_fraction,
+                seed: args.seed,
+                checkpoint: pretrained_file(args)?,
+                out: args.out.clone(),
+            };
+            if spec.out.join(report::METRICS_FILE).exists() && !args.force {
+                bail!(
+                    "{}: holds a finished run (metrics.json); pass --force to replace it",
+                    spec.out.display()
+                );
+            }
+            on_device(args, &spec)
+        }
+    })
+}
+
+/// The pretraining checkpoint of `--checkpoint` (a file, or a run folder's best.h5, else its
+/// final.h5); None with `--scratch`; an error when neither is given.
+fn pretrained_file(args: &FinetuneArgs) -> Result<Option<PathBuf>> {
+    if args.scratch {
+        return Ok(None);
+    }
+    let Some(p) = &args.checkpoint else {
+        bail!("give --checkpoint (a pretraining checkpoint or run folder) or --scratch");
+    };
+    if p.is_dir() {
+        for name in [checkpoint::BEST, checkpoint::FINAL] {
+            let f = p.join(name);
+            if f.exists() {
+                return Ok(Some(f));
+            }
+        }
+        bail!(
+            "{}: a folder without {} or {}: not a pretraining run folder",
+            p.display(),
+            checkpoint::BEST,
+            checkpoint::FINAL
+        );
+    }
+    Ok(Some(p.clone()))
+}
+
+/// A grid cell: skip when done, leave failed.txt when it fails, remove a stale one when it
+/// succeeds.
+fn run_cell(args: &FinetuneArgs, grid_path: &Path) -> Result<()> {
+    let grid = Grid::read(grid_path)?;
+    let n = match args.cell {
+        Some(n) => n,
+        None => std::env::var("SLURM_ARRAY_TASK_ID")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("give --cell N (or run as a Slurm array task)"))?,
+    };
+    let cell = grid.cell(n)?;
+    let out = args.out.join(cell.relative_dir());
+    if out.join(report::METRICS_FILE).exists() && !args.force {
+        println!(
+            "cell {n} ({}) is done: {} exists; skipped",
+            cell_line(&cell),
+            out.join(report::METRICS_FILE).display()
+        );
+        return Ok(());
+    }
+    let checkpoint = match cell.init {
+        Init::Scratch => None,
+        Init::Pretrained => {
+            let a = FinetuneArgs {
+                scratch: false,
+                ..args.clone()
+            };
+            Some(pretrained_file(&a).with_context(|| {
+                format!(
+                    "cell {n} ({}) needs a pretraining checkpoint",
+                    cell_line(&cell)
+                )
+            })?)
+            .flatten()
+        }
+    };
+    let spec = Spec {
+        task: cell.task,
+        fold: cell.fold,
+        folds: args.folds,
+        fraction: cell.fraction,
+        seed: cell.seed,
+        checkpoint,
+        out: out.clone(),
+    };
+    println!("grid cell {n}: {} -> {}", cell_line(&cell), out.display());
+    match on_device(args, &spec) {
+        Ok(()) => {
+            let stale = out.join(report::FAILED_FILE);
+            if stale.exists() {
+                std::fs::remove_file(&stale)
+                    .with_context(|| format!("{}: cannot remove", stale.display()))?;
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if let Err(w) = std::fs::create_dir_all(&out)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| report::write_failed(&out, &cell, &msg))
+            {
+                eprintln!(
+                    "warning: could not write failed.txt in {}: {w:#}",
+                    out.display()
+                );
+            }
+            Err(e.context(format!("grid cell {n} ({}) failed", cell_line(&cell))))
+        }
+    }
+}
+
+fn cell_line(c: &Cell) -> String {
+    format!("{} {} {} {} {}", c.task, c.fold, c.fraction, c.init, c.seed)
+}
+
+/// Runs `spec` on the device `--device` picks.
+fn on_device(args: &FinetuneArgs, spec: &Spec) -> Result<()> {
+    use crate::backend::device::{self, Device};
+    let chosen = device::resolve(args.device, 0)?;
+    if let Some(notice) = &chosen.notice {
+        println!("{notice}");
+    }
+    match chosen.device {
+        Device::Cpu => finetune(&crate::backend::cpu::Cpu, args, spec),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, name, .. } => {
+            let be = crate::backend::cuda::Cuda::new(
+                ordinal,
+                crate::backend::cuda::CudaOptions { tf32: false },
+            )?;
+            println!("GPU {ordinal} ({name})");
+            finetune(&be, args, spec)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => bail!("this binary was built without the `cuda` feature"),
+    }
+}
+
+/// One labelled session of the corpus.
+#[derive(Clone, Debug)]
+struct Sample {
+    /// Index in the corpus.
+    index: usize,
+    subject: String,
+    session: String,
+    /// Diagnosis: 0 or 1; age: years; segmentation: whole-tumour voxels.
+    target: f64,
+}
+
+/// The task's label of every session (None: not labelled for it), and the target values.
+fn task_labels(
+    corpus: &Corpus,
+    task: Task,
+    classes: Option<&[String; 2]>,
+) -> Result<(Vec<SessionLabel>, Vec<Option<f64>>)> {
+    let mut labels = Vec::with_capacity(corpus.len());
+    let mut targets = Vec::with_capacity(corpus.len());
+    let mut buf = Vec::new();
+    for (i, s) in corpus.subjects().iter().enumerate() {
+        let (label, target) = match task {
+            Task::Diagnosis => {
+                let c = classes.expect("diagnosis has classes");
+                match c.iter().position(|x| *x == s.meta.diagnosis) {
+                    Some(k) => (Some(TaskLabel::Class(c[k].clone())), Some(k as f64)),
+                    None => (None, None),
+                }
+            }
+            Task::Age => match s.meta.age.filter(|a| a.is_finite()) {
+                Some(a) => (Some(TaskLabel::Age(f64::from(a))), Some(f64::from(a))),
+                None => (None, None),
+            },
+            Task::Segmentation => {
+                if s.has_segmentation {
+                    corpus.read_labels(i, &mut buf)?;
+                    let v = buf.iter().filter(|&&l| l != 0).count() as u64;
+                    (Some(TaskLabel::TumourVoxels(v)), Some(v as f64))
+                } else {
+                    (None, None)
+                }
+            }
+        };
+        labels.push(SessionLabel {
+            subject: s.meta.id.clone(),
+            session: s.meta.session.clone(),
+            label,
+        });
+        targets.push(target);
+    }
+    Ok((labels, targets))
+}
+
+/// The labelled sessions of the subjects of `part`.
+fn samples_of(corpus: &Corpus, part: &Part, targets: &[Option<f64>]) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for s in &part.subjects {
+        for sess in &s.sessions {
+            let index = corpus
+                .find(&s.id, Some(sess))
+                .expect("fold subjects come from the corpus");
+            let target = targets[index].expect("fold sessions are labelled");
+            out.push(Sample {
+                index,
+                subject: s.id.clone(),
+                session: sess.clone(),
+                target,
+            });
+        }
+    }
+    out
+}
+
+/// The diagnosis classes of `--classes`, checked against the corpus.
+fn parse_classes(text: &str, corpus: &Corpus) -> Result<[String; 2]> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let [neg, pos] = parts[..] else {
+        bail!("--classes takes two classes, negative then positive (e.g. CN,AD), got '{text}'");
+    };
+    if neg == pos || neg.is_empty() {
+        bail!("--classes needs two different classes, got '{text}'");
+    }
+    let present: std::collections::BTreeSet<&str> = corpus
+        .subjects()
+        .iter()
+        .map(|s| s.meta.diagnosis.as_str())
+        .filter(|d| !d.is_empty())
+        .collect();
+    for c in [neg, pos] {
+        if !present.contains(c) {
+            bail!(
+                "{}: no subject has diagnosis '{c}' (the corpus has: {})",
+                corpus.path().display(),
+                if present.is_empty() {
+                    "no diagnoses".to_string()
+                } else {
+                    present.into_iter().collect::<Vec<_>>().join(", ")
+                }
+            );
+        }
+    }
+    Ok([neg.to_string(), pos.to_string()])
+}
+
+/// The model configuration: the checkpoint's, or the preset's for --scratch.
+fn model_config(
+    corpus: &Corpus,
+    pretrained: Option<&Checkpoint>,
+    preset: Option<Preset>,
+) -> Result<ModelConfig> {
+    let cfg = match pretrained {
+        Some(ck) => ck.meta.model.clone(),
+        None => {
+            let preset = match preset {
+                Some(p) => p,
+                None => Preset::ALL
+                    .into_iter()
+                    .find(|&p| ModelConfig::preset(p).grid == corpus.grid())
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "{}: grid {:?} matches no preset; pack it with a preset's grid",
+                            corpus.path().display(),
+                            corpus.grid()
+                        )
+                    })?,
+            };
+            ModelConfig::preset(preset)
+        }
+    };
+    cfg.check_grid(corpus.grid(), corpus.spacing())
+        .with_context(|| format!("{}", corpus.path().display()))?;
+    Ok(cfg)
+}
+
+/// Copies the pretrained networks' tensors (by layout name) from a pretraining checkpoint.
+fn load_pretrained(ck: &Checkpoint, layout: &Layout, params: &mut [f32]) -> Result<()> {
+    if ck.downstream.is_some() {
+        bail!(
+            "{}: a fine-tuned checkpoint, not a pretraining one; give the pretraining run's \
+             checkpoint (or use `mtx-hpc predict` with this one)",
+            ck.path().display()
+        );
+    }
+    let backbone = Layout::new(&ck.meta.model);
+    let from = ck.read_params(&backbone)?;
+    for e in &backbone {
+        let dst = layout.range(&e.name)?;
+        params[dst].copy_from_slice(&from[e.range()]);
+    }
+    Ok(())
+}
+
+struct Data<'a> {
+    corpus: &'a Corpus,
+    grid: [usize; 3],
+    raw: Vec<half::f16>,
+}
+
+impl Data<'_> {
+    /// The volumes `[b, X, Y, Z]` of `batch` and (segmentation) their label maps.
+    fn read(&mut self, batch: &[&Sample], labels: bool) -> Result<(Vec<f32>, Vec<u8>)> {
+        let per: usize = self.grid.iter().product();
+        let mut vols = Vec::with_capacity(batch.len() * per);
+        let mut labs = Vec::new();
+        let (mut v, mut l) = (Vec::new(), Vec::new());
+        for s in batch {
+            self.corpus.read_volume(s.index, &mut self.raw, &mut v)?;
+            vols.extend_from_slice(&v);
+            if labels {
+                self.corpus.read_labels(s.index, &mut l)?;
+                labs.extend_from_slice(&l);
+            }
+        }
+        Ok((vols, labs))
+    }
+}
+
+/// Per-sample model outputs: the score (probability of the positive class, or the age in
+/// years), and for segmentation the predicted label map on the grid.
+struct Outputs {
+    scores: Vec<f64>,
+    masks: Vec<Vec<u8>>,
+}
+
+/// The model of the run: shapes, head, how targets become model targets.
+struct Model {
+    net: Net,
+    layout: Layout,
+    task: Task,
+    /// Age standardisation (mean, sd).
+    scale: (f64, f64),
+    train_encoder: bool,
+}
+
+impl Model {
+    fn kind(&self) -> Scalar {
+        match self.task {
+            Task::Diagnosis => Scalar::Logit,
+            _ => Scalar::Value,
+        }
+    }
+
+    /// Loss of a batch (and gradients when `grads` is given), plus its outputs.
+    fn batch<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: Option<&mut B::Buf>,
+        pos: &[B::Buf; 3],
+        data: &mut Data<'_>,
+        batch: &[&Sample],
+    ) -> Result<(f64, Outputs)> {
+        let (vols, _labels) = data.read(batch, self.task == Task::Segmentation)?;
+        match self.task {
+            Task::Segmentation => bail!("segmentation fine-tuning is not available yet"),
+            Task::Diagnosis | Task::Age => {
+                let (m, s) = self.scale;
+                let targets: Vec<f32> = batch.iter().map(|x| ((x.target - m) / s) as f32).collect();
+                let (loss, y) = task::scalar_head(
+                    be,
+                    &self.net,
+                    params,
+                    grads,
+                    &self.layout,
+                    pos,
+                    &vols,
+                    &targets,
+                    self.kind(),
+                    self.train_encoder,
+                );
+                let scores = y
+                    .iter()
+                    .map(|&y| match self.task {
+                        Task::Diagnosis => 1.0 / (1.0 + (-y).exp()),
+                        _ => m + s * y,
+                    })
+                    .collect();
+                Ok((
+                    loss,
+                    Outputs {
+                        scores,
+                        masks: Vec::new(),
+                    },
+                ))
+            }
+        }
+    }
+
+    /// Mean loss and outputs over `samples`, without gradients.
+    fn evaluate<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        pos: &[B::Buf; 3],
+        data: &mut Data<'_>,
+        samples: &[Sample],
+        batch: usize,
+    ) -> Result<(f64, Outputs)> {
+        let mut out = Outputs {
+            scores: Vec::new(),
+            masks: Vec::new(),
+        };
+        let mut total = 0.0;
+        for chunk in samples.chunks(batch) {
+            let refs: Vec<&Sample> = chunk.iter().collect();
+            let (loss, o) = self.batch(be, params, None, pos, data, &refs)?;
+            total += loss * chunk.len() as f64;
+            out.scores.extend(o.scores);
+            out.masks.extend(o.masks);
+        }
+        Ok((total / samples.len().max(1) as f64, out))
+    }
+}
+
+fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> {
+    let started = Instant::now();
+    super::check_fraction(spec.fraction).map_err(anyhow::Error::msg)?;
+    if args.batch == 0 {
+        bail!("--batch must be positive");
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr must be positive, got {}", args.lr);
+    }
+    if args.epochs == 0 {
+        bail!("--epochs must be positive");
+    }
+    let corpus = Corpus::open(&args.corpus)?;
+    let corpus_checksum = file_checksum(&args.corpus)?;
+    let pretrained = spec
+        .checkpoint
+        .as_deref()
+        .map(Checkpoint::read)
+        .transpose()?;
+    let checkpoint_checksum = spec.checkpoint.as_deref().map(file_checksum).transpose()?;
+    let cfg = model_config(&corpus, pretrained.as_ref(), args.preset)?;
+    let task = spec.task;
+    let classes = match task {
+        Task::Diagnosis => Some(parse_classes(&args.classes, &corpus)?),
+        _ => None,
+    };
+    if task == Task::Segmentation && !corpus.has_labels() {
+        bail!(
+            "{}: the corpus has no segmentations, so no segmentation labels",
+            corpus.path().display()
+        );
+    }
+    let (labels, targets) = task_labels(&corpus, task, classes.as_ref())?;
+    if targets.iter().all(Option::is_none) {
+        bail!(
+            "{}: no subject has a {task} label{}",
+            corpus.path().display(),
+            match &classes {
+                Some(c) => format!(" (diagnosis {} or {})", c[0], c[1]),
+                None => String::new(),
+            }
+        );
+    }
+    let folds = Folds::new(task, &labels, spec.folds, spec.seed)
+        .with_context(|| format!("{}", corpus.path().display()))?;
+    let split = folds.fold(spec.fold)?;
+    let part = split.train.label_fraction(spec.fraction, spec.seed)?;
+    let (fit_part, val_part) = part.inner_split(args.val_fraction, spec.seed)?;
+    let fit = samples_of(&corpus, &fit_part, &targets);
+    let val = samples_of(&corpus, &val_part, &targets);
+    let test = samples_of(&corpus, &split.test, &targets);
+    println!("{}", folds.summary());
+    println!(
+        "fold {} of {}: {} training subjects, label fraction {} -> {} (fit {}, inner validation {}), {} test subjects",
+        spec.fold,
+        spec.folds,
+        split.train.len(),
+        spec.fraction,
+        part.len(),
+        fit_part.len(),
+        val_part.len(),
+        split.test.len()
+    );
+
+    let head = match task {
+        Task::Diagnosis => Head::Classify,
+        Task::Age => Head::Regress,
+        Task::Segmentation => Head::Segment,
+    };
+    let layout = Layout::with_head(&cfg, head);
+    let mut host = init::init_params(&layout, spec.seed);
+    if let Some(ck) = &pretrained {
+        load_pretrained(ck, &layout, &mut host)?;
+    }
+    let scale = match task {
+        Task::Age => {
+            let ages: Vec<f64> = fit.iter().map(|s| s.target).collect();
+            let m = ages.iter().sum::<f64>() / ages.len() as f64;
+            let var = ages.iter().map(|a| (a - m).powi(2)).sum::<f64>() / ages.len() as f64;
+            (m, var.sqrt().max(1e-6))
+        }
+        _ => (0.0, 1.0),
+    };
+    let model = Model {
+        net: Net::new(&cfg),
+        layout,
+        task,
+        scale,
+        train_encoder: !args.freeze_encoder,
+    };
+    let layout = &model.layout;
+    let trainable = if args.freeze_encoder {
+        0..layout.part_range(LayoutPart::Transformer).end
+    } else {
+        0..layout.total()
+    };
+    let params_trained: usize = layout
+        .iter()
+        .filter(|e| trainable.contains(&e.offset))
+        .map(|e| e.len)
+        .sum();
+    let params_total = layout.param_total();
+    println!(
+        "{task}: {} initialisation, preset {}, {params_trained} of {params_total} parameters trained{}",
+        if pretrained.is_some() {
+            "pretrained"
+        } else {
+            "scratch"
+        },
+        cfg.preset,
+        if args.freeze_encoder {
+            " (encoder frozen)"
+        } else {
+            ""
+        }
+    );
+
+    let pos = Plane::ALL.map(|p| {
+        let (n, _, _) = p.geometry(cfg.grid);
+        be.upload(&init::positions(n, cfg.d, cfg.pos_base))
+    });
+    let mut params = be.upload(&host);
+    let mut grads = be.zeros(layout.total());
+    let (mut m, mut v) = (be.zeros(layout.total()), be.zeros(layout.total()));
+    let mut data = Data {
+        corpus: &corpus,
+        grid: cfg.grid,
+        raw: Vec::new(),
+    };
+    let mut best: Option<(f64, usize, Vec<f32>)> = None;
+    let mut step = 0u64;
+    let bar = crate::progress::bar(args.epochs as u64, task.name());
+    for epoch in 0..args.epochs {
+        let t0 = Instant::now();
+        let mut order: Vec<&Sample> = fit.iter().collect();
+        let mut r = crate::rng::keyed(spec.seed, &[epoch as u64], "finetune-order");
+        for i in (1..order.len()).rev() {
+            let j = crate::rng::below(&mut r, (i + 1) as u64) as usize;
+            order.swap(i, j);
+        }
+        let mut train_loss = 0.0;
+        for batch in order.chunks(args.batch) {
+            be.fill(be.view_mut(&mut grads, 0..layout.total()), 0.0);
+            let (loss, _) = model.batch(be, &params, Some(&mut grads), &pos, &mut data, batch)?;
+            let norm = be.sum_squares(be.view(&grads, trainable.clone())).sqrt();
+            if !(loss.is_finite() && norm.is_finite()) {
+                bail!(
+                    "epoch {}: the loss or the gradient is not finite (loss {loss}, gradient norm {norm})",
+                    epoch + 1
+                );
+            }
+            if norm > 1.0 {
+                be.scale(
+                    (1.0 / norm) as f32,
+                    be.view_mut(&mut grads, trainable.clone()),
+                );
+            }
+            step += 1;
+            let h = crate::backend::Adam {
+                lr: args.lr as f32,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                step,
+            };
+            let g = be.view(&grads, trainable.clone());
+            let (mut pm, mut mm, mut vm) = (
+                be.view_mut(&mut params, trainable.clone()),
+                be.view_mut(&mut m, trainable.clone()),
+                be.view_mut(&mut v, trainable.clone()),
+            );
+            be.adam(
+                &h,
+                be.reborrow_mut(&mut pm),
+                g,
+                be.reborrow_mut(&mut mm),
+                be.reborrow_mut(&mut vm),
+            );
+            train_loss += loss * batch.len() as f64;
+        }
+        train_loss /= fit.len() as f64;
+        let (val_loss, _) = model.evaluate(be, &params, &pos, &mut data, &val, args.batch)?;
+        let improved = best.as_ref().is_none_or(|(b, _, _)| val_loss < *b);
+        if improved {
+            let mut keep = vec![0.0; layout.total()];
+            be.download(be.view(&params, 0..layout.total()), &mut keep);
+            best = Some((val_loss, epoch + 1, keep));
+        }
+        bar.inc(1);
+        bar.suspend(|| {
+            println!(
+                "epoch {:>3}/{}  train loss {train_loss:.5}  inner-val loss {val_loss:.5}{}  {:.1} s",
+                epoch + 1,
+                args.epochs,
+                if improved { " (best)" } else { "" },
+                t0.elapsed().as_secs_f64()
+            )
+        });
+    }
+    bar.finish_and_clear();
+    let (best_val, best_epoch, best_params) = best.expect("at least one epoch");
+    println!("kept epoch {best_epoch} (inner-validation loss {best_val:.5})");
+    let params = be.upload(&best_params);
+
+    // Decision threshold / bias correction from data the test never saw.
+    let (_, val_out) = model.evaluate(be, &params, &pos, &mut data, &val, args.batch)?;
+    let (_, test_out) = model.evaluate(be, &params, &pos, &mut data, &test, args.batch)?;
+    let mut results = MetricSet::default();
+    let mut record = TaskRecord {
+        task,
+        head,
+        classes: classes.clone(),
+        threshold: None,
+        age_mean: None,
+        age_sd: None,
+        age_bias: None,
+        init: if pretrained.is_some() {
+            Init::Pretrained
+        } else {
+            Init::Scratch
+        },
+        fold: spec.fold,
+        folds: spec.folds,
+        fraction: spec.fraction,
+        seed: spec.seed,
+        corpus_checksum: corpus_checksum.clone(),
+        checkpoint_checksum: checkpoint_checksum.clone(),
+    };
+    let mut rows = Vec::new();
+    match task {
+        Task::Diagnosis => {
+            let truth = |s: &[Sample]| s.iter().map(|x| x.target > 0.5).collect::<Vec<bool>>();
+            let (vt, tt) = (truth(&val), truth(&test));
+            let threshold = metrics::choose_threshold(&vt, &val_out.scores);
+            let used = *threshold.as_ref().unwrap_or(&0.5);
+            results.insert("threshold", threshold);
+            results.insert("auc", metrics::roc_auc(&tt, &test_out.scores));
+            for (suffix, t) in [("", used), ("_at_0.5", 0.5)] {
+                match Confusion::at(&tt, &test_out.scores, t) {
+                    Ok(c) => {
+                        results.insert(&format!("accuracy{suffix}"), c.accuracy());
+                        results.insert(&format!("sensitivity{suffix}"), c.sensitivity());
+                        results.insert(&format!("specificity{suffix}"), c.specificity());
+                        results
+                            .insert(&format!("balanced_accuracy{suffix}"), c.balanced_accuracy());
+                    }
+                    Err(e) => {
+                        for name in [
+                            "accuracy",
+                            "sensitivity",
+                            "specificity",
+                            "balanced_accuracy",
+                        ] {
+                            results.insert(&format!("{name}{suffix}"), Err(e.clone()));
+                        }
+                    }
+                }
+            }
+            record.threshold = Some(used);
+            let c = classes.as_ref().expect("diagnosis has classes");
+            rows.push("subject_id,session,diagnosis,probability,predicted".to_string());
+            for (s, p) in test.iter().zip(&test_out.scores) {
+                rows.push(format!(
+                    "{},{},{},{p:.6},{}",
+                    s.subject,
+                    s.session,
+                    c[usize::from(s.target > 0.5)],
+                    c[usize::from(*p >= used)]
+                ));
+            }
+        }
+        Task::Age => {
+            let ages = |s: &[Sample]| s.iter().map(|x| x.target).collect::<Vec<f64>>();
+            let (train_ages, test_ages) = (ages(&[fit.clone(), val.clone()].concat()), ages(&test));
+            let (_, fit_out) = model.evaluate(be, &params, &pos, &mut data, &fit, args.batch)?;
+            let train_preds: Vec<f64> = fit_out
+                .scores
+                .iter()
+                .chain(&val_out.scores)
+                .copied()
+                .collect();
+            let p = &test_out.scores;
+            results.insert("mae", metrics::mae(&test_ages, p));
+            results.insert("rmse", metrics::rmse(&test_ages, p));
+            results.insert("pearson_r", metrics::pearson_r(&test_ages, p));
+            let train_mean = train_ages.iter().sum::<f64>() / train_ages.len() as f64;
+            results.insert(
+                "mae_train_mean",
+                metrics::mae(&test_ages, &vec![train_mean; test_ages.len()]),
+            );
+            let gaps: Vec<f64> = p.iter().zip(&test_ages).map(|(p, a)| p - a).collect();
+            results.insert("gap_mean", mean_of(&gaps));
+            let bias = AgeBias::fit(&train_ages, &train_preds);
+            match &bias {
+                Ok(b) => {
+                    let cg: Vec<f64> = test_ages
+                        .iter()
+                        .zip(p)
+                        .map(|(&a, &q)| b.corrected_gap(a, q))
+                        .collect();
+                    results.insert("gap_corrected_mean", mean_of(&cg));
+                    results.insert(
+                        "gap_corrected_mae",
+                        mean_of(&cg.iter().map(|g| g.abs()).collect::<Vec<_>>()),
+                    );
+                    results.insert("gap_corrected_age_r", metrics::pearson_r(&cg, &test_ages));
+                    record.age_bias = Some([b.a, b.b]);
+                }
+                Err(e) => {
+                    for name in [
+                        "gap_corrected_mean",
+                        "gap_corrected_mae",
+                        "gap_corrected_age_r",
+                    ] {
+                        results.insert(name, Err(e.clone()));
+                    }
+                }
+            }
+            record.age_mean = Some(scale.0);
+            record.age_sd = Some(scale.1);
+            rows.push("subject_id,session,age,predicted_age,gap,gap_corrected".to_string());
+            for (s, q) in test.iter().zip(p) {
+                let corrected = bias.as_ref().map_or(String::new(), |b| {
+                    format!("{:.4}", b.corrected_gap(s.target, *q))
+                });
+                rows.push(format!(
+                    "{},{},{:.4},{q:.4},{:.4},{corrected}",
+                    s.subject,
+                    s.session,
+                    s.target,
+                    q - s.target
+                ));
+            }
+        }
+        Task::Segmentation => bail!("segmentation metrics are not available yet"),
+    }
+
+    std::fs::create_dir_all(&spec.out)
+        .with_context(|| format!("{}: cannot create the output folder", spec.out.display()))?;
+    let record_json = serde_json::to_string(&record)?;
+    let meta = CheckpointMeta {
+        stage: pretrained.as_ref().map_or(Stage::Mevp, |c| c.meta.stage),
+        step,
+        epoch: best_epoch as u64,
+        best_val_loss: Some(best_val),
+        stale_epochs: 0,
+        model: cfg.clone(),
+        run: pretrained.as_ref().map_or_else(
+            || RunConfig {
+                preset: cfg.preset,
+                ..RunConfig::default()
+            },
+            |c| c.meta.run.clone(),
+        ),
+        corpus_checksum: corpus_checksum.clone(),
+    };
+    Checkpoint::write_with(
+        &spec.out.join(FINETUNED),
+        layout,
+        &best_params,
+        None,
+        None,
+        &meta,
+        Some(&record_json),
+    )?;
+    let mut csv = rows.join("\n");
+    csv.push('\n');
+    crate::io::write_atomic(&spec.out.join(PREDICTIONS), csv.as_bytes(), true)?;
+    let file = MetricsFile {
+        format: METRICS_FORMAT.to_string(),
+        task,
+        fold: spec.fold,
+        folds: spec.folds,
+        fraction: spec.fraction,
+        seed: spec.seed,
+        init: record.init,
+        checkpoint_checksum,
+        corpus_checksum,
+        tool_version: crate::TOOL_VERSION.to_string(),
+        params_trained: params_trained as u64,
+        params_total: params_total as u64,
+        results,
+    };
+    // metrics.json last: its presence marks the cell done.
+    file.write(&spec.out.join(report::METRICS_FILE), true)?;
+    let main = task.main_metric();
+    println!(
+        "{task} fold {}: {main} = {} on {} test sessions; {} ({:.0} s)",
+        spec.fold,
+        match file.results.get(main) {
+            Some(Ok(v)) => format!("{v:.4}"),
+            Some(Err(r)) => format!("null ({r})"),
+            None => "?".into(),
+        },
+        test.len(),
+        spec.out.join(report::METRICS_FILE).display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The fine-tuned checkpoint's file name in a run folder.
+pub const FINETUNED: &str = "finetuned.h5";
+/// The per-subject test predictions.
+pub const PREDICTIONS: &str = "predictions.csv";
+
+fn mean_of(x: &[f64]) -> metrics::Metric {
+    if x.is_empty() {
+        Err("no subjects".into())
+    } else {
+        Ok(x.iter().sum::<f64>() / x.len() as f64)
+    }
+}
