@@ -10,3 +10,4 @@ pub mod pack;
 pub mod preprocess;
 pub mod shard;
 pub mod synth;
+pub mod writeback;
