@@ -5,8 +5,9 @@
 #
 #   1. pack      mtx-hpc pack: manifest -> corpus (skipped when the corpus exists already)
 #   2. pretrain  jobs/pretrain.slurm (MPI, requeued on preemption until finished)
-#   3. downstream  a job array, one task per grid cell, at most MTX_ARRAY_THROTTLE at once
-#                (--array=0-(N-1)%T); optional: submitted when MTX_DOWNSTREAM_TASKS > 0
+#   3. downstream  jobs/eval_array.slurm, one array task per cell of the grid file MTX_GRID,
+#                at most MTX_ARRAY_THROTTLE at once (--array=0-(N-1)%T), fine-tuning from the
+#                run's best.h5 on MTX_EVAL_CORPUS; submitted when MTX_EVAL_CORPUS is set
 #
 #   MTX_MANIFEST=data/healthy/manifest.csv MTX_CORPUS=data/healthy.h5 MTX_RUN_NAME=r1 jobs/pipeline.sh
 #   jobs/pipeline.sh --dry-run        # print the sbatch commands only
@@ -23,8 +24,12 @@
 #   MTX_PACK_TIME         time limit of the pack job (default 02:00:00)
 #   MTX_RUN_NAME          the pretraining run's name (default: pretrain)
 #   MTX_PRETRAIN_SBATCH   more sbatch options for pretraining (e.g. "--nodes=4 --time=2-00:00:00")
+#   MTX_EVAL_CORPUS       the packed clinical corpus of the downstream tasks; unset (the
+#                         default) submits no array
+#   MTX_GRID              the grid file (default: jobs/eval_grid.txt); its cell count is the
+#                         array size (MTX_DOWNSTREAM_TASKS overrides it)
+#   MTX_EVAL_DIR          the array's output root (default: eval); then `mtx-hpc report`
 #   MTX_DOWNSTREAM_SCRIPT the array job script (default: jobs/eval_array.slurm)
-#   MTX_DOWNSTREAM_TASKS  number of array tasks (grid cells); 0 (default) submits no array
 #   MTX_ARRAY_THROTTLE    array tasks running at once (default 8)
 #   MTX_SBATCH_ARGS       sbatch options for every job (e.g. "--account=abc --partition=cpu")
 # Every other MTX_* variable (MTX_PRESET, MTX_EPOCHS, MTX_BATCH, ...) reaches
@@ -54,7 +59,15 @@ MTX_BIN=$(realpath -m "$MTX_BIN")
 MTX_CORPUS=$(realpath -m "$MTX_CORPUS")
 export MTX_BIN MTX_CORPUS
 export MTX_RUN_NAME=${MTX_RUN_NAME:-pretrain}
-tasks=${MTX_DOWNSTREAM_TASKS:-0}
+grid=$(realpath -m "${MTX_GRID:-$here/eval_grid.txt}")
+tasks=0
+if [ -n "${MTX_EVAL_CORPUS:-}" ]; then
+    [ -f "$grid" ] || {
+        echo "pipeline.sh: grid file $grid does not exist: set MTX_GRID" >&2
+        exit 2
+    }
+    tasks=${MTX_DOWNSTREAM_TASKS:-$(grep -cvE '^[[:space:]]*(#|$)' "$grid")}
+fi
 throttle=${MTX_ARRAY_THROTTLE:-8}
 downstream=${MTX_DOWNSTREAM_SCRIPT:-$here/eval_array.slurm}
 read -r -a common <<<"${MTX_SBATCH_ARGS:-}"
@@ -95,17 +108,17 @@ pretrain=$(submit "${dep[@]}" --job-name="$MTX_RUN_NAME" "${pre_args[@]}" \
 echo "pipeline.sh: pretrain  job $pretrain (run folder ${MTX_RUNS_DIR:-runs}/$MTX_RUN_NAME)"
 
 if [ "$tasks" -gt 0 ]; then
-    # The downstream array (fine-tune + evaluate one grid cell per SLURM_ARRAY_TASK_ID)
-    # arrives with the downstream issue as jobs/eval_array.slurm; until then point
-    # MTX_DOWNSTREAM_SCRIPT at your own array script. It reads the pretrained encoder from
-    # MTX_CHECKPOINT.
-    if [ ! -f "$downstream" ] && [ "$dry" = 0 ]; then
-        echo "pipeline.sh: $downstream does not exist (it lands with the downstream issue):" \
-            "no array submitted" >&2
-        exit 1
-    fi
-    export MTX_CHECKPOINT=${MTX_CHECKPOINT:-$(realpath -m "${MTX_RUNS_DIR:-runs}/$MTX_RUN_NAME/best.h5")}
-    array=$(submit --dependency="afterok:$pretrain" --kill-on-invalid-dep=yes \
+    # Fine-tune + evaluate one grid cell per SLURM_ARRAY_TASK_ID from the run's best
+    # checkpoint, on the clinical corpus.
+    [ -f "$downstream" ] || [ "$dry" = 1 ] || {
+        echo "pipeline.sh: $downstream does not exist: set MTX_DOWNSTREAM_SCRIPT" >&2
+        exit 2
+    }
+    export MTX_CHECKPOINT=${MTX_CHECKPOINT:-$(realpath -m "${MTX_RUNS_DIR:-runs}/$MTX_RUN_NAME")}
+    export MTX_GRID=$grid
+    array=$(MTX_CORPUS=$(realpath -m "$MTX_EVAL_CORPUS") submit \
+        --dependency="afterok:$pretrain" --kill-on-invalid-dep=yes \
         --array="0-$((tasks - 1))%$throttle" "$downstream")
     echo "pipeline.sh: downstream array job $array (tasks 0-$((tasks - 1)), at most $throttle at once)"
+    echo "pipeline.sh: then: mtx-hpc report ${MTX_EVAL_DIR:-eval} --grid-file $grid"
 fi

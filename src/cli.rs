@@ -31,6 +31,8 @@ pub enum Command {
     Inspect(InspectArgs),
     Pretrain(PretrainArgs),
     Finetune(crate::downstream::finetune::FinetuneArgs),
+    Predict(crate::downstream::predict::PredictArgs),
+    Embed(crate::downstream::predict::EmbedArgs),
     Report(crate::downstream::report::ReportArgs),
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -313,6 +315,8 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => crate::data::inspect::run(a),
         Command::Pretrain(a) => crate::train::pretrain::run(a),
         Command::Finetune(a) => crate::downstream::finetune::run(a),
+        Command::Predict(a) => crate::downstream::predict::run_predict(a),
+        Command::Embed(a) => crate::downstream::predict::run_embed(a),
         Command::Report(a) => crate::downstream::report::run(a),
         Command::Bench(BenchCommand::Step(a)) => crate::train::bench::run(a),
         Command::Bench(BenchCommand::Scaling(a)) => crate::train::scaling::run(a),

@@ -7,7 +7,11 @@
 //!   (b) the same job with another run name, sent SIGUSR1 the way `--signal=B:USR1@N` sends it
 //!       (to the batch shell only: `scancel --signal=USR1 --batch`; the script's trap forwards
 //!       it to the step), leaves a complete checkpoint and exits 75; resubmitted with the same
-//!       run name it resumes and ends with exactly the parameters and Adam moments of (a).
+//!       run name it resumes and ends with exactly the parameters and Adam moments of (a);
+//!   (c) jobs/eval_array.slurm as a job array over a grid file fills every cell's folder with
+//!       metrics.json, a cell that cannot run fails loudly (failed.txt, a failed array task,
+//!       named by `mtx-hpc report --grid-file`), and the same array resubmitted after a
+//!       cell's metrics.json was deleted reruns that cell only.
 //!
 //! Slurm that cannot start is a failure, never a skip. Root is needed (apt, munged as user
 //! munge, slurmd); scripts/setup.sh installs the packages beforehand.
@@ -444,8 +448,209 @@ fn signalled_and_resumed(slurm: &Slurm, work: &Work) {
     }
 }
 
+/// Writes a tiny-preset pretraining checkpoint (initial parameters) for fine-tuning.
+fn tiny_checkpoint(dir: &Path) -> PathBuf {
+    use mtx_hpc::model::{ModelConfig, Preset, init};
+    use mtx_hpc::train::{CheckpointMeta, RunConfig, Stage};
+    let model = ModelConfig::preset(Preset::Tiny);
+    let layout = Layout::new(&model);
+    let path = dir.join("pretrained.h5");
+    let meta = CheckpointMeta {
+        stage: Stage::Mevp,
+        step: 1,
+        epoch: 1,
+        best_val_loss: None,
+        stale_epochs: 0,
+        model,
+        run: RunConfig {
+            preset: Preset::Tiny,
+            ..RunConfig::default()
+        },
+        corpus_checksum: "0".repeat(64),
+    };
+    Checkpoint::write(
+        &path,
+        &layout,
+        &init::init_params(&layout, 1),
+        None,
+        None,
+        &meta,
+    )
+    .expect("write the checkpoint");
+    path
+}
+
+/// Waits until no task of array job `id` is left in the queue.
+fn wait_array(slurm: &Slurm, id: &str) {
+    let t0 = Instant::now();
+    loop {
+        let out = slurm
+            .cmd("squeue")
+            .args(["-h", "-r", "-j", id, "-o", "%i %T"])
+            .output()
+            .expect("cannot run squeue");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.trim().is_empty() {
+            return;
+        }
+        if t0.elapsed() > JOB_LIMIT {
+            let _ = slurm.cmd("scancel").arg(id).status();
+            panic!(
+                "array job {id} still queued after {JOB_LIMIT:?}:\n{text}\n{}",
+                slurm.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// (c): the evaluation grid as a job array.
+fn eval_array(slurm: &Slurm, work: &Work) {
+    let t0 = Instant::now();
+    let dir = work.dir.join("eval-array");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 16 subjects: diagnosis CN/AD on a half of them, ages on all but one.
+    let corpus = dir.join("clinical.h5");
+    let out = AtomicFile::new(&corpus, true).expect("atomic file");
+    let mut header = common::header([32, 38, 32]);
+    header.params.spacing = 6.0;
+    let mut w = CorpusWriter::create(out, &corpus, header, 16).expect("create corpus");
+    for k in 0..16 {
+        w.push(common::meta(k), &common::prepared(k, [32, 38, 32], false))
+            .expect("push subject");
+    }
+    w.finish().expect("finish corpus");
+    let ckpt = tiny_checkpoint(&dir);
+    let grid = dir.join("grid.txt");
+    std::fs::write(
+        &grid,
+        "# task fold fraction init seed\n\
+         diagnosis 0 1 pretrained 0\n\
+         diagnosis 1 1 scratch 0\n\
+         age 0 0.5 pretrained 0\n\
+         age 1 1 scratch 0\n\
+         age 7 1 scratch 0   # fold 7 of 2: fails\n",
+    )
+    .unwrap();
+    let eval = dir.join("eval");
+    let submit = || {
+        let out = slurm
+            .cmd("sbatch")
+            .current_dir(&dir)
+            .args([
+                "--parsable",
+                "--array=0-4",
+                "--cpus-per-task=1",
+                "--time=10",
+                "--output",
+            ])
+            .arg(dir.join("arr-%A_%a.out"))
+            .arg(Path::new(ROOT).join("jobs/eval_array.slurm"))
+            .env("MTX_BIN", env!("CARGO_BIN_EXE_mtx-hpc"))
+            .env("MTX_CORPUS", &corpus)
+            .env("MTX_CHECKPOINT", &ckpt)
+            .env("MTX_GRID", &grid)
+            .env("MTX_EVAL_DIR", &eval)
+            .env("MTX_FOLDS", "2")
+            .env("MTX_EPOCHS", "1")
+            .output()
+            .expect("cannot run sbatch");
+        assert!(
+            out.status.success(),
+            "sbatch failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        wait_array(slurm, &id);
+        let outputs: Vec<String> = (0..5)
+            .map(|a| {
+                std::fs::read_to_string(dir.join(format!("arr-{id}_{a}.out")))
+                    .unwrap_or_else(|e| panic!("array task {a}: no output: {e}"))
+            })
+            .collect();
+        outputs
+    };
+    let cell_dirs = [
+        "diagnosis/fraction-1/pretrained/fold-0-seed-0",
+        "diagnosis/fraction-1/scratch/fold-1-seed-0",
+        "age/fraction-0.5/pretrained/fold-0-seed-0",
+        "age/fraction-1/scratch/fold-1-seed-0",
+        "age/fraction-1/scratch/fold-7-seed-0",
+    ]
+    .map(|d| eval.join(d));
+    let first = submit();
+    eprintln!(
+        "eval array: first submission {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    for (c, out) in first.iter().enumerate().take(4) {
+        assert!(
+            cell_dirs[c].join("metrics.json").is_file()
+                && cell_dirs[c].join("predictions.csv").is_file()
+                && cell_dirs[c].join("finetuned.h5").is_file(),
+            "cell {c}: no finished run in {}:\n{out}",
+            cell_dirs[c].display()
+        );
+        assert!(out.contains(&format!("cell {c} done")), "cell {c}:\n{out}");
+    }
+    let failed = cell_dirs[4].join("failed.txt");
+    let text = std::fs::read_to_string(&failed).unwrap_or_else(|_| {
+        panic!(
+            "cell 4 should have failed and left failed.txt:\n{}",
+            first[4]
+        )
+    });
+    assert!(text.starts_with("age 7 1 scratch 0\n"), "{text}");
+    assert!(text.contains("fold 7 is out of range"), "{text}");
+    assert!(first[4].contains("cell 4 FAILED"), "{}", first[4]);
+    // The report names the failed cell.
+    let report = dir.join("report");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtx-hpc"))
+        .arg("report")
+        .arg(&eval)
+        .arg("--grid-file")
+        .arg(&grid)
+        .arg("--out")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("fold 7 is out of range"), "{md}");
+
+    // Resubmitted after one cell's metrics.json is gone: only that cell runs again.
+    let stamp = |c: usize| {
+        std::fs::metadata(cell_dirs[c].join("finetuned.h5"))
+            .and_then(|m| m.modified())
+            .unwrap()
+    };
+    let before: Vec<_> = (0..4).map(stamp).collect();
+    std::fs::remove_file(cell_dirs[2].join("metrics.json")).unwrap();
+    let second = submit();
+    for c in [0, 1, 3] {
+        assert!(second[c].contains("skipped"), "cell {c}:\n{}", second[c]);
+        assert_eq!(stamp(c), before[c], "cell {c} was rerun");
+    }
+    assert!(second[2].contains("cell 2 done"), "{}", second[2]);
+    assert!(cell_dirs[2].join("metrics.json").is_file());
+    assert_ne!(stamp(2), before[2], "cell 2 was not rerun");
+    eprintln!(
+        "eval array: both submissions {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 #[test]
-fn pretrain_job_on_a_real_slurm() {
+fn jobs_on_a_real_slurm() {
     let t0 = Instant::now();
     let slurm = Slurm::start();
     eprintln!("Slurm up in {:.1} s", t0.elapsed().as_secs_f64());
@@ -459,6 +664,7 @@ fn pretrain_job_on_a_real_slurm() {
     };
     straight_run(&slurm, &work);
     signalled_and_resumed(&slurm, &work);
+    eval_array(&slurm, &work);
     drop(slurm);
     eprintln!("total {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -13,6 +13,7 @@ use super::{Init, Task};
 use crate::backend::Backend;
 use crate::backend::device::DeviceRequest;
 use crate::data::corpus::Corpus;
+use crate::data::preprocess::PackParams;
 use crate::io::file_checksum;
 use crate::model::objective::Net;
 use crate::model::task::{self, Scalar};
@@ -143,6 +144,8 @@ pub struct TaskRecord {
     pub seed: u64,
     pub corpus_checksum: String,
     pub checkpoint_checksum: Option<String>,
+    /// How the training corpus was packed: `predict` packs new scans the same way.
+    pub pack: PackParams,
 }
 
 /// One run, with everything resolved.
@@ -498,20 +501,22 @@ impl Data<'_> {
 }
 
 /// Per-sample model outputs: the score (probability of the positive class, or the age in
-/// years), and for segmentation the predicted label map on the grid.
-struct Outputs {
-    scores: Vec<f64>,
-    masks: Vec<Vec<u8>>,
+/// years), and for segmentation the class probabilities `[4, X, Y, Z]` on the grid.
+#[derive(Default)]
+pub(crate) struct Outputs {
+    pub scores: Vec<f64>,
+    pub probs: Vec<Vec<f32>>,
 }
 
-/// The model of the run: shapes, head, how targets become model targets.
-struct Model {
-    net: Net,
-    layout: Layout,
-    task: Task,
+/// The model of a run: shapes, head, how targets become model targets. `predict` uses it
+/// too, so evaluation and prediction share one forward pass.
+pub(crate) struct Model {
+    pub net: Net,
+    pub layout: Layout,
+    pub task: Task,
     /// Age standardisation (mean, sd).
-    scale: (f64, f64),
-    train_encoder: bool,
+    pub scale: (f64, f64),
+    pub train_encoder: bool,
 }
 
 impl Model {
@@ -522,22 +527,32 @@ impl Model {
         }
     }
 
-    /// Loss of a batch (and gradients when `grads` is given), plus its outputs.
-    fn batch<B: Backend>(
+    /// The three planes' position codes, uploaded.
+    pub fn positions<B: Backend>(&self, be: &B, cfg: &ModelConfig) -> [B::Buf; 3] {
+        Plane::ALL.map(|p| {
+            let (n, _, _) = p.geometry(cfg.grid);
+            be.upload(&init::positions(n, cfg.d, cfg.pos_base))
+        })
+    }
+
+    /// Loss of `b` subjects `vols [b, X, Y, Z]` (and gradients when `grads` is given), plus
+    /// their outputs. `targets` are class indices (0/1) or ages; segmentation reads `labels
+    /// [b, X, Y, Z]` (BraTS codes) instead.
+    pub fn batch<B: Backend>(
         &self,
         be: &B,
         params: &B::Buf,
         grads: Option<&mut B::Buf>,
         pos: &[B::Buf; 3],
-        data: &mut Data<'_>,
-        batch: &[&Sample],
+        vols: &[f32],
+        _labels: &[u8],
+        targets: &[f64],
     ) -> Result<(f64, Outputs)> {
-        let (vols, _labels) = data.read(batch, self.task == Task::Segmentation)?;
         match self.task {
             Task::Segmentation => bail!("segmentation fine-tuning is not available yet"),
             Task::Diagnosis | Task::Age => {
                 let (m, s) = self.scale;
-                let targets: Vec<f32> = batch.iter().map(|x| ((x.target - m) / s) as f32).collect();
+                let t: Vec<f32> = targets.iter().map(|x| ((x - m) / s) as f32).collect();
                 let (loss, y) = task::scalar_head(
                     be,
                     &self.net,
@@ -545,8 +560,8 @@ impl Model {
                     grads,
                     &self.layout,
                     pos,
-                    &vols,
-                    &targets,
+                    vols,
+                    &t,
                     self.kind(),
                     self.train_encoder,
                 );
@@ -561,7 +576,7 @@ impl Model {
                     loss,
                     Outputs {
                         scores,
-                        masks: Vec::new(),
+                        probs: Vec::new(),
                     },
                 ))
             }
@@ -578,19 +593,31 @@ impl Model {
         samples: &[Sample],
         batch: usize,
     ) -> Result<(f64, Outputs)> {
-        let mut out = Outputs {
-            scores: Vec::new(),
-            masks: Vec::new(),
-        };
+        let mut out = Outputs::default();
         let mut total = 0.0;
         for chunk in samples.chunks(batch) {
             let refs: Vec<&Sample> = chunk.iter().collect();
-            let (loss, o) = self.batch(be, params, None, pos, data, &refs)?;
+            let (loss, o) = self.step(be, params, None, pos, data, &refs)?;
             total += loss * chunk.len() as f64;
             out.scores.extend(o.scores);
-            out.masks.extend(o.masks);
+            out.probs.extend(o.probs);
         }
         Ok((total / samples.len().max(1) as f64, out))
+    }
+
+    /// [`Model::batch`] on corpus samples.
+    fn step<B: Backend>(
+        &self,
+        be: &B,
+        params: &B::Buf,
+        grads: Option<&mut B::Buf>,
+        pos: &[B::Buf; 3],
+        data: &mut Data<'_>,
+        batch: &[&Sample],
+    ) -> Result<(f64, Outputs)> {
+        let (vols, labels) = data.read(batch, self.task == Task::Segmentation)?;
+        let targets: Vec<f64> = batch.iter().map(|s| s.target).collect();
+        self.batch(be, params, grads, pos, &vols, &labels, &targets)
     }
 }
 
@@ -711,10 +738,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         }
     );
 
-    let pos = Plane::ALL.map(|p| {
-        let (n, _, _) = p.geometry(cfg.grid);
-        be.upload(&init::positions(n, cfg.d, cfg.pos_base))
-    });
+    let pos = model.positions(be, &cfg);
     let mut params = be.upload(&host);
     let mut grads = be.zeros(layout.total());
     let (mut m, mut v) = (be.zeros(layout.total()), be.zeros(layout.total()));
@@ -737,7 +761,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         let mut train_loss = 0.0;
         for batch in order.chunks(args.batch) {
             be.fill(be.view_mut(&mut grads, 0..layout.total()), 0.0);
-            let (loss, _) = model.batch(be, &params, Some(&mut grads), &pos, &mut data, batch)?;
+            let (loss, _) = model.step(be, &params, Some(&mut grads), &pos, &mut data, batch)?;
             let norm = be.sum_squares(be.view(&grads, trainable.clone())).sqrt();
             if !(loss.is_finite() && norm.is_finite()) {
                 bail!(
@@ -822,6 +846,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         seed: spec.seed,
         corpus_checksum: corpus_checksum.clone(),
         checkpoint_checksum: checkpoint_checksum.clone(),
+        pack: corpus.info().params.clone(),
     };
     let mut rows = Vec::new();
     match task {

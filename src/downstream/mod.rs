@@ -5,6 +5,7 @@
 pub mod finetune;
 pub mod folds;
 pub mod metrics;
+pub mod predict;
 pub mod report;
 
 use std::fmt;
