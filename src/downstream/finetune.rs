@@ -857,6 +857,14 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
             let used = *threshold.as_ref().unwrap_or(&0.5);
             results.insert("threshold", threshold);
             results.insert("auc", metrics::roc_auc(&tt, &test_out.scores));
+            // Resampling the test subjects: the uncertainty of this fold's AUC.
+            let ci = metrics::bootstrap_ci(tt.len(), 2000, 0.95, spec.seed, |idx| {
+                let l: Vec<bool> = idx.iter().map(|&i| tt[i]).collect();
+                let p: Vec<f64> = idx.iter().map(|&i| test_out.scores[i]).collect();
+                metrics::roc_auc(&l, &p)
+            });
+            results.insert("auc_ci95_low", ci.clone().map(|c| c.0));
+            results.insert("auc_ci95_high", ci.map(|c| c.1));
             for (suffix, t) in [("", used), ("_at_0.5", 0.5)] {
                 match Confusion::at(&tt, &test_out.scores, t) {
                     Ok(c) => {
