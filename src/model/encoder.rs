@@ -39,6 +39,9 @@ struct Block<B: Backend> {
     out: B::Buf,
 }
 
+/// BasicBlocks per stage (ResNet-18).
+pub const BLOCKS_PER_STAGE: usize = 2;
+
 /// Everything backward needs from one forward pass.
 pub struct EncoderTape<B: Backend> {
     n: usize,
@@ -49,6 +52,39 @@ pub struct EncoderTape<B: Backend> {
     blocks: Vec<Block<B>>,
     /// Global average pool output [n, c_last].
     feat: B::Buf,
+}
+
+/// A feature map the encoder exposes to a decoder: the buffer `[n, c, h, w]` and `(c, h, w)`.
+pub type Skip<'a, B> = (&'a <B as Backend>::Buf, (usize, usize, usize));
+
+impl<B: Backend> EncoderTape<B> {
+    /// Slices in the pass.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The feature maps a segmentation decoder adds back, shallow to deep: the stem's output
+    /// (after its ReLU, h/2), the max-pool's output (h/4), then each stage's last block
+    /// output. [`backward_with_skips`] takes their gradients in the same order.
+    pub fn skips(&self) -> Vec<Skip<'_, B>> {
+        let shape = |c: &Conv2d| {
+            let (h, w) = c.out_hw();
+            (c.cout, h, w)
+        };
+        let (ph, pw) = self.pool.out_hw();
+        let mut out = vec![
+            (&self.stem.post, shape(&self.stem.conv)),
+            (&self.pooled, (self.pool.c, ph, pw)),
+        ];
+        out.extend(
+            self.blocks
+                .iter()
+                .skip(BLOCKS_PER_STAGE - 1)
+                .step_by(BLOCKS_PER_STAGE)
+                .map(|b| (&b.out, shape(&b.c2.conv))),
+        );
+        out
+    }
 }
 
 /// The shapes of one encoder pass over `n` slices of `h x w`: the one place where the layer
@@ -97,7 +133,7 @@ impl Plan {
         let (mut c, (mut hh, mut ww)) = (spec.widths[0], pool.out_hw());
         let mut blocks = Vec::new();
         for (s, &width) in spec.widths.iter().enumerate() {
-            for b in 0..2 {
+            for b in 0..BLOCKS_PER_STAGE {
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
                 let conv1 = conv(c, hh, ww, width, 3, stride, 1);
                 let (oh, ow) = conv1.out_hw();
@@ -346,32 +382,67 @@ pub fn backward<B: Backend>(
     tape: &EncoderTape<B>,
     dout: B::View<'_>,
 ) {
+    backward_with_skips(be, spec, params, grads, idx, tape, Some(dout), &[]);
+}
+
+/// [`backward`] when a decoder also read the encoder's feature maps: `dskips` holds the
+/// gradients at [`EncoderTape::skips`] (same order and shapes; empty when there are none),
+/// each added to the gradient flowing back through its map just before the walk passes it.
+/// `dout` None: the output vectors were not used (`encoder.fc` gets no gradient).
+pub fn backward_with_skips<B: Backend>(
+    be: &B,
+    spec: &EncoderSpec,
+    params: &B::Buf,
+    grads: &mut B::Buf,
+    idx: &impl ParamIndex,
+    tape: &EncoderTape<B>,
+    dout: Option<B::View<'_>>,
+    dskips: &[B::Buf],
+) {
+    let stages = tape.blocks.len() / BLOCKS_PER_STAGE;
+    assert!(
+        dskips.is_empty() || dskips.len() == 2 + stages,
+        "{} skip gradients for the encoder's {} feature maps",
+        dskips.len(),
+        2 + stages
+    );
+    // Index into `dskips`: 0 the stem, 1 the max-pool, 2 + s the end of stage s.
+    let add_skip = |k: usize, d: &mut B::Buf| {
+        if let Some(ds) = dskips.get(k) {
+            be.axpy(1.0, all(be, ds), all_mut(be, d));
+        }
+    };
     let n = tape.n;
     let c_last = *spec.widths.last().unwrap_or(&0);
-    let mut dfeat = be.zeros(n * c_last);
-    {
-        let (dw, db) = two_mut(be, grads, idx, "encoder.fc.weight", "encoder.fc.bias");
-        linear::backward(
-            be,
-            n,
-            c_last,
-            spec.d,
-            all(be, &tape.feat),
-            view(be, params, idx, "encoder.fc.weight"),
-            dout,
-            Some(all_mut(be, &mut dfeat)),
-            dw,
-            db,
-        );
-    }
     let last_hw = tape.blocks.last().map_or(0, |b| {
         let (h, w) = b.c2.conv.out_hw();
         h * w
     });
     let mut d = be.zeros(n * c_last * last_hw);
-    be.avg_pool_backward(n, c_last, last_hw, all(be, &dfeat), all_mut(be, &mut d));
+    if let Some(dout) = dout {
+        let mut dfeat = be.zeros(n * c_last);
+        {
+            let (dw, db) = two_mut(be, grads, idx, "encoder.fc.weight", "encoder.fc.bias");
+            linear::backward(
+                be,
+                n,
+                c_last,
+                spec.d,
+                all(be, &tape.feat),
+                view(be, params, idx, "encoder.fc.weight"),
+                dout,
+                Some(all_mut(be, &mut dfeat)),
+                dw,
+                db,
+            );
+        }
+        be.avg_pool_backward(n, c_last, last_hw, all(be, &dfeat), all_mut(be, &mut d));
+    }
 
     for (i, blk) in tape.blocks.iter().enumerate().rev() {
+        if (i + 1) % BLOCKS_PER_STAGE == 0 {
+            add_skip(2 + i / BLOCKS_PER_STAGE, &mut d);
+        }
         let input = if i == 0 {
             &tape.pooled
         } else {
@@ -420,6 +491,7 @@ pub fn backward<B: Backend>(
         be.add(all(be, &dmain), all(be, skip_grad), all_mut(be, &mut dx));
         d = dx;
     }
+    add_skip(1, &mut d);
     let mut dstem = be.zeros(be.len(&tape.stem.post));
     be.max_pool_backward(
         &tape.pool,
@@ -428,6 +500,7 @@ pub fn backward<B: Backend>(
         all(be, &d),
         all_mut(be, &mut dstem),
     );
+    add_skip(0, &mut dstem);
     normed_conv_backward(
         be,
         params,
