@@ -530,3 +530,145 @@ pub fn forward_flops(spec: &EncoderSpec, h: usize, w: usize) -> f64 {
         .sum();
     conv_flops(&plan.stem) + blocks + 2.0 * (plan.last.0 * spec.d) as f64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu64;
+    use crate::backend::cpu::gradcheck::{dot, random};
+    use crate::model::objective::Net;
+    use crate::model::{Kind, Layout, ModelConfig, Part, Preset, init};
+
+    struct Case {
+        layout: Layout,
+        spec: EncoderSpec,
+        params: Vec<f64>,
+        x: Vec<f64>,
+        /// The loss is `sum(out * r_out) + sum_k sum(skip_k * r_k)`.
+        r_out: Vec<f64>,
+        r_skips: Vec<Vec<f64>>,
+    }
+
+    const N: usize = 2;
+    const H: usize = 32;
+    const W: usize = 38;
+
+    /// The tiny encoder on 2 random slices, norms moved off their initial 1 and 0.
+    fn case() -> Case {
+        let cfg = ModelConfig::preset(Preset::Tiny);
+        let layout = Layout::new(&cfg);
+        let spec = Net::new(&cfg).encoder;
+        let mut params: Vec<f64> = init::init_params(&layout, 2)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        for e in layout.iter().filter(|e| e.part == Part::Encoder) {
+            if matches!(e.kind, Kind::NormGamma | Kind::NormBeta) {
+                for (i, v) in random(e.len, e.offset as u64).into_iter().enumerate() {
+                    params[e.offset + i] += 0.3 * v;
+                }
+            }
+        }
+        let x = random(N * H * W, 1);
+        let (_, tape) = forward(&Cpu64, &spec, &params, &layout, &x, N, H, W);
+        let r_skips = tape
+            .skips()
+            .iter()
+            .enumerate()
+            .map(|(k, (buf, (c, h, w)))| {
+                assert_eq!(buf.len(), N * c * h * w);
+                random(buf.len(), 10 + k as u64)
+            })
+            .collect();
+        Case {
+            r_out: random(N * spec.d, 2),
+            layout,
+            spec,
+            params,
+            x,
+            r_skips,
+        }
+    }
+
+    fn loss(c: &Case, params: &Vec<f64>) -> f64 {
+        let (out, tape) = forward(&Cpu64, &c.spec, params, &c.layout, &c.x, N, H, W);
+        let skips: f64 = tape
+            .skips()
+            .iter()
+            .zip(&c.r_skips)
+            .map(|((buf, _), r)| dot(buf, r))
+            .sum();
+        dot(&out, &c.r_out) + skips
+    }
+
+    fn grads(c: &Case, dout: Option<&[f64]>, dskips: &[Vec<f64>]) -> Vec<f64> {
+        let be = Cpu64;
+        let (_, tape) = forward(&be, &c.spec, &c.params, &c.layout, &c.x, N, H, W);
+        let mut g = vec![0.0; c.params.len()];
+        backward_with_skips(
+            &be, &c.spec, &c.params, &mut g, &c.layout, &tape, dout, dskips,
+        );
+        g
+    }
+
+    /// Three coordinates of every encoder tensor against central differences (h = 1e-5),
+    /// with gradients arriving both through the output vectors and through every map.
+    #[test]
+    fn skip_gradients_match_finite_differences() {
+        let c = case();
+        let g = grads(&c, Some(&c.r_out), &c.r_skips);
+        let (mut rel, mut abs) = (0.0f64, 0.0f64);
+        let mut p = c.params.clone();
+        for e in c.layout.iter().filter(|e| e.part == Part::Encoder) {
+            for i in [e.offset, e.offset + e.len / 2, e.offset + e.len - 1] {
+                let h = 1e-5;
+                let keep = p[i];
+                p[i] = keep + h;
+                let up = loss(&c, &p);
+                p[i] = keep - h;
+                let down = loss(&c, &p);
+                p[i] = keep;
+                let n = (up - down) / (2.0 * h);
+                let err = (g[i] - n).abs();
+                assert!(
+                    err <= 1e-5 * n.abs().max(g[i].abs()) + 1e-8,
+                    "{}[{}]: analytic {} vs numeric {n}",
+                    e.name,
+                    i - e.offset,
+                    g[i]
+                );
+                rel = rel.max(err / n.abs().max(g[i].abs()).max(1e-300));
+                abs = abs.max(err);
+            }
+        }
+        println!("encoder with skips: max relative error {rel:.2e}, max absolute {abs:.1e}");
+    }
+
+    /// Zero skip gradients change nothing, and the two routes add up (backward is linear in
+    /// its incoming gradients); without `dout`, `encoder.fc` gets nothing.
+    #[test]
+    fn skip_gradients_add_to_the_output_route() {
+        let c = case();
+        let plain = {
+            let be = Cpu64;
+            let (_, tape) = forward(&be, &c.spec, &c.params, &c.layout, &c.x, N, H, W);
+            let mut g = vec![0.0; c.params.len()];
+            backward(&be, &c.spec, &c.params, &mut g, &c.layout, &tape, &c.r_out);
+            g
+        };
+        assert!(grads(&c, Some(&c.r_out), &[]) == plain);
+        let zeros: Vec<Vec<f64>> = c.r_skips.iter().map(|r| vec![0.0; r.len()]).collect();
+        assert!(grads(&c, Some(&c.r_out), &zeros) == plain);
+        let only_skips = grads(&c, None, &c.r_skips);
+        let fc = c.layout.range("encoder.fc.weight").unwrap().start
+            ..c.layout.range("encoder.fc.bias").unwrap().end;
+        assert!(only_skips[fc].iter().all(|&g| g == 0.0));
+        let both = grads(&c, Some(&c.r_out), &c.r_skips);
+        for ((b, p), s) in both.iter().zip(&plain).zip(&only_skips) {
+            assert!(
+                (b - p - s).abs() <= 1e-12 * (1.0 + b.abs()),
+                "{b} vs {p} + {s}"
+            );
+        }
+    }
+}
