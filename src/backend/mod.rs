@@ -102,6 +102,32 @@ pub struct Attention {
     pub scale: f32,
 }
 
+/// Shape of the segmentation loss ([`Backend::dice_ce`]): logits `[subjects * slices, classes,
+/// hw]` (each subject's slices of one plane, NCHW) and one class index per pixel
+/// `[subjects * slices, hw]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DiceCe {
+    pub subjects: usize,
+    /// Slices per subject.
+    pub slices: usize,
+    pub classes: usize,
+    /// Pixels per slice.
+    pub hw: usize,
+    /// Smoothing of the soft Dice, in pixels: `(2 I + eps) / (P + G + eps)`.
+    pub eps: f64,
+}
+
+impl DiceCe {
+    /// Logit values (and gradient values).
+    pub fn len(&self) -> usize {
+        self.subjects * self.slices * self.classes * self.hw
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Adam/AdamW hyperparameters for one update; `step` counts from 1.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Adam {
@@ -385,6 +411,30 @@ pub trait Backend: Send + Sync {
         dp: Self::ViewMut<'_>,
         dn: Self::ViewMut<'_>,
     );
+
+    /// The segmentation loss: per subject, the mean softmax cross-entropy over its pixels
+    /// plus `1 -` the mean soft Dice of the classes other than 0 (background), each Dice over
+    /// the subject's pixels, `(2 sum p g + eps) / (sum p + sum g + eps)`; the mean over
+    /// subjects is returned and `dlogits` is overwritten with its gradient. `labels` are class
+    /// indices on the host. The default downloads the logits, runs the CPU reference
+    /// (`cpu::loss::dice_ce`, sums in f64) and uploads the gradient, so every backend has it;
+    /// a backend may replace it with a kernel.
+    fn dice_ce(
+        &self,
+        s: &DiceCe,
+        logits: Self::View<'_>,
+        labels: &[u8],
+        dlogits: Self::ViewMut<'_>,
+    ) -> f64 {
+        let len = s.len();
+        let mut host = vec![0.0f32; len];
+        self.download(logits, &mut host);
+        let mut grad = vec![0.0f32; len];
+        let loss = cpu::loss::dice_ce(s, &host, labels, &mut grad);
+        let up = self.upload(&grad);
+        self.copy(self.view(&up, 0..len), dlogits);
+        loss
+    }
 
     // ---- optimizer ----
     fn adam(

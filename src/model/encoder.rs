@@ -39,6 +39,9 @@ struct Block<B: Backend> {
     out: B::Buf,
 }
 
+/// BasicBlocks per stage (ResNet-18).
+pub const BLOCKS_PER_STAGE: usize = 2;
+
 /// Everything backward needs from one forward pass.
 pub struct EncoderTape<B: Backend> {
     n: usize,
@@ -49,6 +52,39 @@ pub struct EncoderTape<B: Backend> {
     blocks: Vec<Block<B>>,
     /// Global average pool output [n, c_last].
     feat: B::Buf,
+}
+
+/// A feature map the encoder exposes to a decoder: the buffer `[n, c, h, w]` and `(c, h, w)`.
+pub type Skip<'a, B> = (&'a <B as Backend>::Buf, (usize, usize, usize));
+
+impl<B: Backend> EncoderTape<B> {
+    /// Slices in the pass.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The feature maps a segmentation decoder adds back, shallow to deep: the stem's output
+    /// (after its ReLU, h/2), the max-pool's output (h/4), then each stage's last block
+    /// output. [`backward_with_skips`] takes their gradients in the same order.
+    pub fn skips(&self) -> Vec<Skip<'_, B>> {
+        let shape = |c: &Conv2d| {
+            let (h, w) = c.out_hw();
+            (c.cout, h, w)
+        };
+        let (ph, pw) = self.pool.out_hw();
+        let mut out = vec![
+            (&self.stem.post, shape(&self.stem.conv)),
+            (&self.pooled, (self.pool.c, ph, pw)),
+        ];
+        out.extend(
+            self.blocks
+                .iter()
+                .skip(BLOCKS_PER_STAGE - 1)
+                .step_by(BLOCKS_PER_STAGE)
+                .map(|b| (&b.out, shape(&b.c2.conv))),
+        );
+        out
+    }
 }
 
 /// The shapes of one encoder pass over `n` slices of `h x w`: the one place where the layer
@@ -97,7 +133,7 @@ impl Plan {
         let (mut c, (mut hh, mut ww)) = (spec.widths[0], pool.out_hw());
         let mut blocks = Vec::new();
         for (s, &width) in spec.widths.iter().enumerate() {
-            for b in 0..2 {
+            for b in 0..BLOCKS_PER_STAGE {
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
                 let conv1 = conv(c, hh, ww, width, 3, stride, 1);
                 let (oh, ow) = conv1.out_hw();
@@ -346,32 +382,67 @@ pub fn backward<B: Backend>(
     tape: &EncoderTape<B>,
     dout: B::View<'_>,
 ) {
+    backward_with_skips(be, spec, params, grads, idx, tape, Some(dout), &[]);
+}
+
+/// [`backward`] when a decoder also read the encoder's feature maps: `dskips` holds the
+/// gradients at [`EncoderTape::skips`] (same order and shapes; empty when there are none),
+/// each added to the gradient flowing back through its map just before the walk passes it.
+/// `dout` None: the output vectors were not used (`encoder.fc` gets no gradient).
+pub fn backward_with_skips<B: Backend>(
+    be: &B,
+    spec: &EncoderSpec,
+    params: &B::Buf,
+    grads: &mut B::Buf,
+    idx: &impl ParamIndex,
+    tape: &EncoderTape<B>,
+    dout: Option<B::View<'_>>,
+    dskips: &[B::Buf],
+) {
+    let stages = tape.blocks.len() / BLOCKS_PER_STAGE;
+    assert!(
+        dskips.is_empty() || dskips.len() == 2 + stages,
+        "{} skip gradients for the encoder's {} feature maps",
+        dskips.len(),
+        2 + stages
+    );
+    // Index into `dskips`: 0 the stem, 1 the max-pool, 2 + s the end of stage s.
+    let add_skip = |k: usize, d: &mut B::Buf| {
+        if let Some(ds) = dskips.get(k) {
+            be.axpy(1.0, all(be, ds), all_mut(be, d));
+        }
+    };
     let n = tape.n;
     let c_last = *spec.widths.last().unwrap_or(&0);
-    let mut dfeat = be.zeros(n * c_last);
-    {
-        let (dw, db) = two_mut(be, grads, idx, "encoder.fc.weight", "encoder.fc.bias");
-        linear::backward(
-            be,
-            n,
-            c_last,
-            spec.d,
-            all(be, &tape.feat),
-            view(be, params, idx, "encoder.fc.weight"),
-            dout,
-            Some(all_mut(be, &mut dfeat)),
-            dw,
-            db,
-        );
-    }
     let last_hw = tape.blocks.last().map_or(0, |b| {
         let (h, w) = b.c2.conv.out_hw();
         h * w
     });
     let mut d = be.zeros(n * c_last * last_hw);
-    be.avg_pool_backward(n, c_last, last_hw, all(be, &dfeat), all_mut(be, &mut d));
+    if let Some(dout) = dout {
+        let mut dfeat = be.zeros(n * c_last);
+        {
+            let (dw, db) = two_mut(be, grads, idx, "encoder.fc.weight", "encoder.fc.bias");
+            linear::backward(
+                be,
+                n,
+                c_last,
+                spec.d,
+                all(be, &tape.feat),
+                view(be, params, idx, "encoder.fc.weight"),
+                dout,
+                Some(all_mut(be, &mut dfeat)),
+                dw,
+                db,
+            );
+        }
+        be.avg_pool_backward(n, c_last, last_hw, all(be, &dfeat), all_mut(be, &mut d));
+    }
 
     for (i, blk) in tape.blocks.iter().enumerate().rev() {
+        if (i + 1) % BLOCKS_PER_STAGE == 0 {
+            add_skip(2 + i / BLOCKS_PER_STAGE, &mut d);
+        }
         let input = if i == 0 {
             &tape.pooled
         } else {
@@ -420,6 +491,7 @@ pub fn backward<B: Backend>(
         be.add(all(be, &dmain), all(be, skip_grad), all_mut(be, &mut dx));
         d = dx;
     }
+    add_skip(1, &mut d);
     let mut dstem = be.zeros(be.len(&tape.stem.post));
     be.max_pool_backward(
         &tape.pool,
@@ -428,6 +500,7 @@ pub fn backward<B: Backend>(
         all(be, &d),
         all_mut(be, &mut dstem),
     );
+    add_skip(0, &mut dstem);
     normed_conv_backward(
         be,
         params,
@@ -456,4 +529,146 @@ pub fn forward_flops(spec: &EncoderSpec, h: usize, w: usize) -> f64 {
         })
         .sum();
     conv_flops(&plan.stem) + blocks + 2.0 * (plan.last.0 * spec.d) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu64;
+    use crate::backend::cpu::gradcheck::{dot, random};
+    use crate::model::objective::Net;
+    use crate::model::{Kind, Layout, ModelConfig, Part, Preset, init};
+
+    struct Case {
+        layout: Layout,
+        spec: EncoderSpec,
+        params: Vec<f64>,
+        x: Vec<f64>,
+        /// The loss is `sum(out * r_out) + sum_k sum(skip_k * r_k)`.
+        r_out: Vec<f64>,
+        r_skips: Vec<Vec<f64>>,
+    }
+
+    const N: usize = 2;
+    const H: usize = 32;
+    const W: usize = 38;
+
+    /// The tiny encoder on 2 random slices, norms moved off their initial 1 and 0.
+    fn case() -> Case {
+        let cfg = ModelConfig::preset(Preset::Tiny);
+        let layout = Layout::new(&cfg);
+        let spec = Net::new(&cfg).encoder;
+        let mut params: Vec<f64> = init::init_params(&layout, 2)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        for e in layout.iter().filter(|e| e.part == Part::Encoder) {
+            if matches!(e.kind, Kind::NormGamma | Kind::NormBeta) {
+                for (i, v) in random(e.len, e.offset as u64).into_iter().enumerate() {
+                    params[e.offset + i] += 0.3 * v;
+                }
+            }
+        }
+        let x = random(N * H * W, 1);
+        let (_, tape) = forward(&Cpu64, &spec, &params, &layout, &x, N, H, W);
+        let r_skips = tape
+            .skips()
+            .iter()
+            .enumerate()
+            .map(|(k, (buf, (c, h, w)))| {
+                assert_eq!(buf.len(), N * c * h * w);
+                random(buf.len(), 10 + k as u64)
+            })
+            .collect();
+        Case {
+            r_out: random(N * spec.d, 2),
+            layout,
+            spec,
+            params,
+            x,
+            r_skips,
+        }
+    }
+
+    fn loss(c: &Case, params: &Vec<f64>) -> f64 {
+        let (out, tape) = forward(&Cpu64, &c.spec, params, &c.layout, &c.x, N, H, W);
+        let skips: f64 = tape
+            .skips()
+            .iter()
+            .zip(&c.r_skips)
+            .map(|((buf, _), r)| dot(buf, r))
+            .sum();
+        dot(&out, &c.r_out) + skips
+    }
+
+    fn grads(c: &Case, dout: Option<&[f64]>, dskips: &[Vec<f64>]) -> Vec<f64> {
+        let be = Cpu64;
+        let (_, tape) = forward(&be, &c.spec, &c.params, &c.layout, &c.x, N, H, W);
+        let mut g = vec![0.0; c.params.len()];
+        backward_with_skips(
+            &be, &c.spec, &c.params, &mut g, &c.layout, &tape, dout, dskips,
+        );
+        g
+    }
+
+    /// Three coordinates of every encoder tensor against central differences (h = 1e-5),
+    /// with gradients arriving both through the output vectors and through every map.
+    #[test]
+    fn skip_gradients_match_finite_differences() {
+        let c = case();
+        let g = grads(&c, Some(&c.r_out), &c.r_skips);
+        let (mut rel, mut abs) = (0.0f64, 0.0f64);
+        let mut p = c.params.clone();
+        for e in c.layout.iter().filter(|e| e.part == Part::Encoder) {
+            for i in [e.offset, e.offset + e.len / 2, e.offset + e.len - 1] {
+                let h = 1e-5;
+                let keep = p[i];
+                p[i] = keep + h;
+                let up = loss(&c, &p);
+                p[i] = keep - h;
+                let down = loss(&c, &p);
+                p[i] = keep;
+                let n = (up - down) / (2.0 * h);
+                let err = (g[i] - n).abs();
+                assert!(
+                    err <= 1e-5 * n.abs().max(g[i].abs()) + 1e-8,
+                    "{}[{}]: analytic {} vs numeric {n}",
+                    e.name,
+                    i - e.offset,
+                    g[i]
+                );
+                rel = rel.max(err / n.abs().max(g[i].abs()).max(1e-300));
+                abs = abs.max(err);
+            }
+        }
+        println!("encoder with skips: max relative error {rel:.2e}, max absolute {abs:.1e}");
+    }
+
+    /// Zero skip gradients change nothing, and the two routes add up (backward is linear in
+    /// its incoming gradients); without `dout`, `encoder.fc` gets nothing.
+    #[test]
+    fn skip_gradients_add_to_the_output_route() {
+        let c = case();
+        let plain = {
+            let be = Cpu64;
+            let (_, tape) = forward(&be, &c.spec, &c.params, &c.layout, &c.x, N, H, W);
+            let mut g = vec![0.0; c.params.len()];
+            backward(&be, &c.spec, &c.params, &mut g, &c.layout, &tape, &c.r_out);
+            g
+        };
+        assert!(grads(&c, Some(&c.r_out), &[]) == plain);
+        let zeros: Vec<Vec<f64>> = c.r_skips.iter().map(|r| vec![0.0; r.len()]).collect();
+        assert!(grads(&c, Some(&c.r_out), &zeros) == plain);
+        let only_skips = grads(&c, None, &c.r_skips);
+        let fc = c.layout.range("encoder.fc.weight").unwrap().start
+            ..c.layout.range("encoder.fc.bias").unwrap().end;
+        assert!(only_skips[fc].iter().all(|&g| g == 0.0));
+        let both = grads(&c, Some(&c.r_out), &c.r_skips);
+        for ((b, p), s) in both.iter().zip(&plain).zip(&only_skips) {
+            assert!(
+                (b - p - s).abs() <= 1e-12 * (1.0 + b.abs()),
+                "{b} vs {p} + {s}"
+            );
+        }
+    }
 }

@@ -58,6 +58,35 @@ impl Plane {
             }
         }
     }
+
+    /// The inverse of [`Plane::extract`]: writes `slices [slices, h, w]` of this plane back
+    /// into `vol` (C order, z fastest).
+    pub fn insert(self, slices: &[f32], grid: [usize; 3], vol: &mut [f32]) {
+        let [gx, gy, gz] = grid;
+        assert!(
+            vol.len() == gx * gy * gz && slices.len() == vol.len(),
+            "slices and volume do not match the grid"
+        );
+        let mut next = slices.iter().copied();
+        let mut put = |i: usize| vol[i] = next.next().unwrap_or(f32::NAN);
+        match self {
+            Plane::Axial => {
+                for k in 0..gz {
+                    for x in 0..gx {
+                        (0..gy).for_each(|y| put((x * gy + y) * gz + k));
+                    }
+                }
+            }
+            Plane::Sagittal => (0..gx * gy * gz).for_each(put),
+            Plane::Coronal => {
+                for k in 0..gy {
+                    for x in 0..gx {
+                        (0..gz).for_each(|z| put((x * gy + k) * gz + z));
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -86,6 +115,19 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn insert_inverts_extract() {
+        let grid = [3, 4, 5];
+        let vol: Vec<f32> = (0..60).map(|i| i as f32).collect();
+        for plane in Plane::ALL {
+            let mut slices = Vec::new();
+            plane.extract(&vol, grid, &mut slices);
+            let mut back = vec![-1.0; 60];
+            plane.insert(&slices, grid, &mut back);
+            assert_eq!(back, vol, "{plane:?}");
         }
     }
 }

@@ -1,7 +1,10 @@
-//! The pretraining losses with their input gradients: MSE for masked encoding vector
-//! prediction and the triplet margin loss (PyTorch's `triplet_margin_loss` with its
-//! pairwise-distance epsilon). Sums run in f64 in row order, so the loss is deterministic.
+//! The losses with their input gradients: MSE for masked encoding vector prediction, the
+//! triplet margin loss (PyTorch's `triplet_margin_loss` with its pairwise-distance epsilon),
+//! and the segmentation loss (softmax cross-entropy plus soft Dice). Sums run in f64 in a
+//! fixed order, so the loss is deterministic.
 use super::Real;
+use crate::backend::DiceCe;
+use rayon::prelude::*;
 
 /// PyTorch's `pairwise_distance` epsilon: `||x - y + eps||` is never 0, so `x == y` gives a
 /// finite gradient instead of 0/0.
@@ -86,6 +89,104 @@ pub fn triplet<T: Real>(
         }
     }
     T::from_f64(sum / rows as f64).unwrap_or_else(T::nan)
+}
+
+/// The segmentation loss of [`crate::backend::Backend::dice_ce`]: one rayon task per subject,
+/// each summing its pixels in order, so the result does not depend on the thread count.
+pub fn dice_ce<T: Real>(s: &DiceCe, logits: &[T], labels: &[u8], dlogits: &mut [T]) -> f64 {
+    let pixels = s.slices * s.hw;
+    assert!(
+        logits.len() == s.len() && dlogits.len() == s.len() && labels.len() == s.subjects * pixels,
+        "dice_ce: {} logits, {} gradients, {} labels for {s:?}",
+        logits.len(),
+        dlogits.len(),
+        labels.len()
+    );
+    assert!(s.classes >= 2, "dice_ce: {} classes", s.classes);
+    if s.is_empty() {
+        return 0.0;
+    }
+    let per = s.slices * s.classes * s.hw;
+    let losses: Vec<f64> = logits
+        .par_chunks(per)
+        .zip(labels.par_chunks(pixels))
+        .zip(dlogits.par_chunks_mut(per))
+        .map(|((z, y), dz)| dice_ce_subject(s, z, y, dz))
+        .collect();
+    losses.iter().sum::<f64>() / s.subjects as f64
+}
+
+/// One subject: returns `CE + 1 - mean Dice` and writes its gradient divided by the number
+/// of subjects (the batch mean). `dz` first holds the softmax probabilities.
+fn dice_ce_subject<T: Real>(s: &DiceCe, z: &[T], y: &[u8], dz: &mut [T]) -> f64 {
+    let (classes, hw) = (s.classes, s.hw);
+    let at = |k: usize, c: usize, q: usize| (k * classes + c) * hw + q;
+    let f = |v: T| v.to_f64().unwrap_or(f64::NAN);
+    let t = |v: f64| T::from_f64(v).unwrap_or_else(T::nan);
+    // Pass 1: probabilities, cross-entropy and the Dice sums.
+    let (mut ce, mut inter, mut psum, mut gsum) = (
+        0.0,
+        vec![0.0; classes],
+        vec![0.0; classes],
+        vec![0.0; classes],
+    );
+    let mut e = vec![0.0; classes];
+    for k in 0..s.slices {
+        for q in 0..hw {
+            let label = usize::from(y[k * hw + q]);
+            assert!(label < classes, "dice_ce: class {label} of {classes}");
+            let max = (0..classes)
+                .map(|c| f(z[at(k, c, q)]))
+                .fold(f64::MIN, f64::max);
+            let mut sum = 0.0;
+            for c in 0..classes {
+                e[c] = (f(z[at(k, c, q)]) - max).exp();
+                sum += e[c];
+            }
+            // -log p_label = logsumexp(z) - z_label, finite for any logits.
+            ce += max + sum.ln() - f(z[at(k, label, q)]);
+            for c in 0..classes {
+                let p = e[c] / sum;
+                psum[c] += p;
+                dz[at(k, c, q)] = t(p);
+            }
+            inter[label] += e[label] / sum;
+            gsum[label] += 1.0;
+        }
+    }
+    let pixels = (s.slices * hw) as f64;
+    let dice_classes = (classes - 1) as f64;
+    // dLoss/dp_c = alpha_c [c = label] + beta_c for c >= 1, 0 for the background, with
+    // U = P + G + eps: d(1 - mean Dice)/dp = -(2 g / U - (2 I + eps) / U^2) / (classes - 1).
+    let (mut alpha, mut beta) = (vec![0.0; classes], vec![0.0; classes]);
+    let mut dice = 0.0;
+    for c in 1..classes {
+        let u = psum[c] + gsum[c] + s.eps;
+        let num = 2.0 * inter[c] + s.eps;
+        dice += num / u / dice_classes;
+        alpha[c] = -2.0 / (u * dice_classes);
+        beta[c] = num / (u * u * dice_classes);
+    }
+    // Pass 2: through the softmax, dz_c = p_c (a_c - sum_c' p_c' a_c') for the Dice part,
+    // (p_c - [c = label]) / pixels for the cross-entropy; both over the batch's subjects.
+    let scale = 1.0 / s.subjects as f64;
+    let mut a = vec![0.0; classes];
+    for k in 0..s.slices {
+        for q in 0..hw {
+            let label = usize::from(y[k * hw + q]);
+            let mut mean = 0.0;
+            for c in 0..classes {
+                a[c] = beta[c] + if c == label { alpha[c] } else { 0.0 };
+                mean += f(dz[at(k, c, q)]) * a[c];
+            }
+            for c in 0..classes {
+                let p = f(dz[at(k, c, q)]);
+                let hit = if c == label { 1.0 } else { 0.0 };
+                dz[at(k, c, q)] = t(scale * (p * (a[c] - mean) + (p - hit) / pixels));
+            }
+        }
+    }
+    ce / pixels + 1.0 - dice
 }
 
 #[cfg(test)]
@@ -206,6 +307,103 @@ mod tests {
         // Row 5 (a == p) agrees too: a - p is exactly 0 in both precisions.
         for (x, y) in g32.iter().flatten().zip(g64.iter().flatten()) {
             assert!((*x as f64 - y).abs() < 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    /// Three subjects of 2 slices of 3 x 4 pixels, 4 classes: the first with every class, the
+    /// second with background only (its tumour Dice terms are eps / (P + eps): they push the
+    /// tumour probabilities down), the third with one tumour class missing.
+    fn dice_inputs() -> (DiceCe, Vec<f64>, Vec<u8>) {
+        let s = DiceCe {
+            subjects: 3,
+            slices: 2,
+            classes: 4,
+            hw: 12,
+            eps: 1.0,
+        };
+        let logits: Vec<f64> = random(s.len(), 21).iter().map(|v| 3.0 * v).collect();
+        let labels: Vec<u8> = (0..s.subjects * s.slices * s.hw)
+            .map(|i| match i / (s.slices * s.hw) {
+                0 => (i % 4) as u8,
+                1 => 0,
+                _ => [0, 1, 3][i % 3],
+            })
+            .collect();
+        (s, logits, labels)
+    }
+
+    /// The loss written out directly from its definition.
+    fn dice_ce_direct(s: &DiceCe, z: &[f64], y: &[u8]) -> f64 {
+        let mut total = 0.0;
+        for b in 0..s.subjects {
+            let (mut ce, mut inter, mut psum, mut gsum) = (0.0, [0.0; 4], [0.0; 4], [0.0; 4]);
+            for k in 0..s.slices {
+                for q in 0..s.hw {
+                    let row = b * s.slices + k;
+                    let zs: Vec<f64> = (0..4).map(|c| z[(row * 4 + c) * s.hw + q]).collect();
+                    let norm: f64 = zs.iter().map(|v| v.exp()).sum();
+                    let label = y[row * s.hw + q] as usize;
+                    ce -= (zs[label].exp() / norm).ln();
+                    for c in 0..4 {
+                        let p = zs[c].exp() / norm;
+                        psum[c] += p;
+                        if c == label {
+                            inter[c] += p;
+                            gsum[c] += 1.0;
+                        }
+                    }
+                }
+            }
+            let n = (s.slices * s.hw) as f64;
+            let dice: f64 = (1..4)
+                .map(|c| (2.0 * inter[c] + s.eps) / (psum[c] + gsum[c] + s.eps))
+                .sum::<f64>()
+                / 3.0;
+            total += ce / n + 1.0 - dice;
+        }
+        total / s.subjects as f64
+    }
+
+    #[test]
+    fn dice_ce_value_and_gradient() {
+        let (s, mut logits, labels) = dice_inputs();
+        let mut grad = vec![f64::NAN; s.len()];
+        let loss = dice_ce(&s, &logits, &labels, &mut grad);
+        let want = dice_ce_direct(&s, &logits, &labels);
+        assert!((loss - want).abs() < 1e-13, "{loss} vs {want}");
+        let mut scratch = vec![0.0; s.len()];
+        check("dice_ce dlogits", &mut logits, &grad, 1000, 1e-8, |z| {
+            dice_ce(&s, z, &labels, &mut scratch)
+        });
+        // The background-only subject's tumour logits are pushed down, its background up.
+        let per = s.slices * 4 * s.hw;
+        let second = &grad[per..2 * per];
+        for q in 0..s.hw {
+            assert!(second[q] < 0.0, "background gradient {}", second[q]);
+            for c in 1..4 {
+                assert!(second[c * s.hw + q] > 0.0);
+            }
+        }
+        // Large logits stay finite.
+        let big: Vec<f64> = logits.iter().map(|v| 300.0 * v).collect();
+        let l = dice_ce(&s, &big, &labels, &mut scratch);
+        assert!(
+            l.is_finite() && scratch.iter().all(|g| g.is_finite()),
+            "{l}"
+        );
+    }
+
+    #[test]
+    fn dice_ce_f32_agrees_with_f64() {
+        let (s, logits, labels) = dice_inputs();
+        let mut g64 = vec![0.0; s.len()];
+        let l64 = dice_ce(&s, &logits, &labels, &mut g64);
+        let z32: Vec<f32> = logits.iter().map(|&v| v as f32).collect();
+        let mut g32 = vec![0.0f32; s.len()];
+        let l32 = dice_ce(&s, &z32, &labels, &mut g32);
+        assert!((l32 - l64).abs() < 1e-6 * l64, "{l32} vs {l64}");
+        for (x, y) in g32.iter().zip(&g64) {
+            assert!((*x as f64 - y).abs() < 1e-7, "{x} vs {y}");
         }
     }
 }

@@ -13,7 +13,7 @@ pub mod optim;
 pub mod pool;
 pub mod sequence;
 
-use super::{Adam, Attention, Backend, Conv2d, Gemm, Pool2d};
+use super::{Adam, Attention, Backend, Conv2d, DiceCe, Gemm, Pool2d};
 use std::ops::Range;
 
 /// The float types the CPU ops run in: f32 in production, f64 in gradient checks.
@@ -284,6 +284,9 @@ macro_rules! cpu_backend {
                 dpred: &mut [$t],
             ) {
                 loss[0] = loss::mse(scale, pred, target, dpred);
+            }
+            fn dice_ce(&self, s: &DiceCe, logits: &[$t], labels: &[u8], dlogits: &mut [$t]) -> f64 {
+                loss::dice_ce(s, logits, labels, dlogits)
             }
             fn triplet(
                 &self,
