@@ -7,7 +7,7 @@
 //! and the run goes to `OUT/<cell folder>`; a cell whose `metrics.json` exists is skipped, a
 //! failed one leaves `failed.txt`.
 use super::folds::{Folds, Part, SessionLabel, TaskLabel};
-use super::metrics::{self, AgeBias, Confusion, MetricSet};
+use super::metrics::{self, AgeBias, Confusion, Grid3, MetricSet, Region};
 use super::report::{self, Cell, Grid, METRICS_FORMAT, MetricsFile};
 use super::{Init, Task};
 use crate::backend::Backend;
@@ -15,6 +15,7 @@ use crate::backend::device::DeviceRequest;
 use crate::data::corpus::Corpus;
 use crate::data::preprocess::PackParams;
 use crate::io::file_checksum;
+use crate::model::decoder;
 use crate::model::objective::Net;
 use crate::model::task::{self, Scalar};
 use crate::model::{Head, Layout, ModelConfig, Part as LayoutPart, Plane, Preset, init};
@@ -545,11 +546,39 @@ impl Model {
         grads: Option<&mut B::Buf>,
         pos: &[B::Buf; 3],
         vols: &[f32],
-        _labels: &[u8],
+        labels: &[u8],
         targets: &[f64],
+        want_probs: bool,
     ) -> Result<(f64, Outputs)> {
         match self.task {
-            Task::Segmentation => bail!("segmentation fine-tuning is not available yet"),
+            Task::Segmentation => {
+                let b = targets.len();
+                let loss = if labels.is_empty() {
+                    0.0
+                } else {
+                    decoder::classes_of_codes(labels).map_err(|e| anyhow!("labels: {e:#}"))?;
+                    decoder::segment_loss(
+                        be,
+                        &self.net,
+                        params,
+                        grads,
+                        &self.layout,
+                        pos,
+                        vols,
+                        labels,
+                        b,
+                        self.train_encoder,
+                    )
+                };
+                let mut out = Outputs::default();
+                if want_probs {
+                    let per = decoder::CLASSES * self.net.grid.iter().product::<usize>();
+                    let probs =
+                        decoder::segment_probs(be, &self.net, params, &self.layout, pos, vols, b);
+                    out.probs = probs.chunks(per).map(<[f32]>::to_vec).collect();
+                }
+                Ok((loss, out))
+            }
             Task::Diagnosis | Task::Age => {
                 let (m, s) = self.scale;
                 let t: Vec<f32> = targets.iter().map(|x| ((x - m) / s) as f32).collect();
@@ -592,12 +621,13 @@ impl Model {
         data: &mut Data<'_>,
         samples: &[Sample],
         batch: usize,
+        want_probs: bool,
     ) -> Result<(f64, Outputs)> {
         let mut out = Outputs::default();
         let mut total = 0.0;
         for chunk in samples.chunks(batch) {
             let refs: Vec<&Sample> = chunk.iter().collect();
-            let (loss, o) = self.step(be, params, None, pos, data, &refs)?;
+            let (loss, o) = self.step(be, params, None, pos, data, &refs, want_probs)?;
             total += loss * chunk.len() as f64;
             out.scores.extend(o.scores);
             out.probs.extend(o.probs);
@@ -614,10 +644,11 @@ impl Model {
         pos: &[B::Buf; 3],
         data: &mut Data<'_>,
         batch: &[&Sample],
+        want_probs: bool,
     ) -> Result<(f64, Outputs)> {
         let (vols, labels) = data.read(batch, self.task == Task::Segmentation)?;
         let targets: Vec<f64> = batch.iter().map(|s| s.target).collect();
-        self.batch(be, params, grads, pos, &vols, &labels, &targets)
+        self.batch(be, params, grads, pos, &vols, &labels, &targets, want_probs)
     }
 }
 
@@ -761,7 +792,8 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         let mut train_loss = 0.0;
         for batch in order.chunks(args.batch) {
             be.fill(be.view_mut(&mut grads, 0..layout.total()), 0.0);
-            let (loss, _) = model.step(be, &params, Some(&mut grads), &pos, &mut data, batch)?;
+            let (loss, _) =
+                model.step(be, &params, Some(&mut grads), &pos, &mut data, batch, false)?;
             let norm = be.sum_squares(be.view(&grads, trainable.clone())).sqrt();
             if !(loss.is_finite() && norm.is_finite()) {
                 bail!(
@@ -800,7 +832,8 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
             train_loss += loss * batch.len() as f64;
         }
         train_loss /= fit.len() as f64;
-        let (val_loss, _) = model.evaluate(be, &params, &pos, &mut data, &val, args.batch)?;
+        let (val_loss, _) =
+            model.evaluate(be, &params, &pos, &mut data, &val, args.batch, false)?;
         let improved = best.as_ref().is_none_or(|(b, _, _)| val_loss < *b);
         if improved {
             let mut keep = vec![0.0; layout.total()];
@@ -824,8 +857,13 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
     let params = be.upload(&best_params);
 
     // Decision threshold / bias correction from data the test never saw.
-    let (_, val_out) = model.evaluate(be, &params, &pos, &mut data, &val, args.batch)?;
-    let (_, test_out) = model.evaluate(be, &params, &pos, &mut data, &test, args.batch)?;
+    let seg = task == Task::Segmentation;
+    let (_, val_out) = if seg {
+        Default::default()
+    } else {
+        model.evaluate(be, &params, &pos, &mut data, &val, args.batch, false)?
+    };
+    let (_, test_out) = model.evaluate(be, &params, &pos, &mut data, &test, args.batch, seg)?;
     let mut results = MetricSet::default();
     let mut record = TaskRecord {
         task,
@@ -902,7 +940,8 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         Task::Age => {
             let ages = |s: &[Sample]| s.iter().map(|x| x.target).collect::<Vec<f64>>();
             let (train_ages, test_ages) = (ages(&[fit.clone(), val.clone()].concat()), ages(&test));
-            let (_, fit_out) = model.evaluate(be, &params, &pos, &mut data, &fit, args.batch)?;
+            let (_, fit_out) =
+                model.evaluate(be, &params, &pos, &mut data, &fit, args.batch, false)?;
             let train_preds: Vec<f64> = fit_out
                 .scores
                 .iter()
@@ -962,7 +1001,51 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
                 ));
             }
         }
-        Task::Segmentation => bail!("segmentation metrics are not available yet"),
+        Task::Segmentation => {
+            let grid = Grid3 {
+                dims: cfg.grid,
+                spacing: [cfg.spacing; 3],
+            };
+            let mut per_region: Vec<Vec<metrics::Metric>> = vec![Vec::new(); 6];
+            rows.push(
+                "subject_id,session,dice_wt,dice_tc,dice_et,voxels_true,voxels_pred".to_string(),
+            );
+            let mut truth = Vec::new();
+            for (s, probs) in test.iter().zip(&test_out.probs) {
+                corpus.read_labels(s.index, &mut truth)?;
+                let pred = argmax_codes(probs, truth.len());
+                let mut dice = Vec::new();
+                for (r, region) in Region::ALL.into_iter().enumerate() {
+                    let d = metrics::dice(&pred, &truth, region);
+                    dice.push(d.clone());
+                    per_region[r].push(d);
+                    per_region[3 + r].push(metrics::hd95_region(&pred, &truth, region, grid));
+                }
+                let fmt =
+                    |m: &metrics::Metric| m.as_ref().map_or(String::new(), |v| format!("{v:.4}"));
+                rows.push(format!(
+                    "{},{},{},{},{},{},{}",
+                    s.subject,
+                    s.session,
+                    fmt(&dice[0]),
+                    fmt(&dice[1]),
+                    fmt(&dice[2]),
+                    truth.iter().filter(|&&l| l != 0).count(),
+                    pred.iter().filter(|&&l| l != 0).count()
+                ));
+            }
+            for (r, region) in Region::ALL.into_iter().enumerate() {
+                let short = region.short();
+                results.insert(
+                    &format!("dice_{short}"),
+                    metrics::mean_defined(&per_region[r]),
+                );
+                results.insert(
+                    &format!("hd95_{short}"),
+                    metrics::mean_defined(&per_region[3 + r]),
+                );
+            }
+        }
     }
 
     std::fs::create_dir_all(&spec.out)
@@ -1040,4 +1123,20 @@ fn mean_of(x: &[f64]) -> metrics::Metric {
     } else {
         Ok(x.iter().sum::<f64>() / x.len() as f64)
     }
+}
+
+/// The BraTS code of the most probable class at each voxel of `probs [CLASSES, voxels]` (ties
+/// to the lower class).
+pub(crate) fn argmax_codes(probs: &[f32], voxels: usize) -> Vec<u8> {
+    (0..voxels)
+        .map(|v| {
+            let mut best = 0;
+            for c in 1..decoder::CLASSES {
+                if probs[c * voxels + v] > probs[best * voxels + v] {
+                    best = c;
+                }
+            }
+            decoder::CODES[best]
+        })
+        .collect()
 }

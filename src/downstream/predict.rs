@@ -213,9 +213,16 @@ fn predict<B: Backend>(be: &B, args: &PredictArgs, ft: &Finetuned, list: &[Input
             eprintln!("{}: warning: {w}", inp.image.display());
         }
         let target = inp.age.unwrap_or(0.0);
-        let (_, out) = ft
-            .model
-            .batch(be, &params, None, &pos, &prepared.volume, &[], &[target])?;
+        let (_, out) = ft.model.batch(
+            be,
+            &params,
+            None,
+            &pos,
+            &prepared.volume,
+            &[],
+            &[target],
+            true,
+        )?;
         let image = inp.image.display();
         let row = match rec.task {
             Task::Diagnosis => {
