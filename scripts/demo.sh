@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # README command 1: installs everything (scripts/setup.sh), then runs the main job on the
 # built-in data: synth a healthy pretraining cohort and a clinical downstream cohort, pack
-# both into HDF5 corpora, inspect them (text summary and a PNG of one subject each), then a
-# short pretraining of both stages (triplet, MEVP) at the paper preset on the healthy corpus.
-# Outputs go to demo-out/ (or $MTX_DEMO_OUT).
+# both into HDF5 corpora, inspect them (text summary and a PNG of one subject each), a short
+# pretraining of both stages (triplet, MEVP) at the paper preset on the healthy corpus with 2
+# MPI ranks, then a small evaluation grid on the clinical corpus (jobs/demo_grid.txt: the three
+# tasks on fold 0 of 2, pretrained vs scratch) and the report over it.
+# Outputs go to demo-out/ (or $MTX_DEMO_OUT); the report is demo-out/eval/report/report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -37,5 +39,16 @@ OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
 mpirun -n 2 "$BIN" pretrain --corpus "$OUT/healthy.h5" --out "$OUT/pretrain" --preset paper \
     --epochs "${MTX_DEMO_EPOCHS:-2}" --batch 4 --force
 "$BIN" inspect "$OUT/pretrain/final.h5"
+# The evaluation grid, one cell at a time (on a cluster: sbatch --array=0-5 jobs/eval_array.slurm).
+# Each cell fine-tunes from the run's best.h5 (or from scratch) and evaluates on fold 0's test
+# subjects (--force: a rerun of the demo replaces the earlier evaluation).
+CELLS=$(grep -cvE '^[[:space:]]*(#|$)' jobs/demo_grid.txt)
+for ((cell = 0; cell < CELLS; cell++)); do
+    "$BIN" finetune --grid-file jobs/demo_grid.txt --cell "$cell" --corpus "$OUT/clinical.h5" \
+        --checkpoint "$OUT/pretrain" --out "$OUT/eval" --folds 2 \
+        --epochs "${MTX_DEMO_FT_EPOCHS:-3}" --force
+done
+"$BIN" report "$OUT/eval" --grid-file jobs/demo_grid.txt
 set +x
-echo "demo: done. Corpora, PNGs and the pretraining run are in $OUT/"
+echo "demo: done. Corpora, PNGs, the pretraining run and the evaluation are in $OUT/"
+echo "demo: the report: $OUT/eval/report/report.md (plots: $OUT/eval/report/*.svg)"
