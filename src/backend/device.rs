@@ -61,6 +61,44 @@ pub fn cuda_version_string(v: i32) -> String {
     format!("{}.{}", v / 1000, (v % 1000) / 10)
 }
 
+/// Work that runs on whichever backend `--device` gives: the one place that knows how to
+/// make each backend (see [`run_on`]).
+pub trait OnBackend {
+    type Out;
+    fn run<B: crate::backend::Backend>(self, be: &B) -> anyhow::Result<Self::Out>;
+}
+
+/// Resolves `req` (GPU `local_rank % visible`), prints a fallback notice, makes the backend
+/// (`tf32`: TF32 tensor-core GEMMs on a GPU) and runs `job` on it.
+pub fn run_on<J: OnBackend>(
+    req: DeviceRequest,
+    local_rank: usize,
+    tf32: bool,
+    job: J,
+) -> anyhow::Result<J::Out> {
+    let chosen = resolve(req, local_rank)?;
+    if let Some(notice) = &chosen.notice {
+        println!("{notice}");
+    }
+    match chosen.device {
+        Device::Cpu => job.run(&crate::backend::cpu::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, name, .. } => {
+            let be = crate::backend::cuda::Cuda::new(
+                ordinal,
+                crate::backend::cuda::CudaOptions { tf32 },
+            )?;
+            println!("GPU {ordinal}: {name}{}", if tf32 { " (TF32)" } else { "" });
+            job.run(&be)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => {
+            let _ = tf32;
+            bail!("this binary was built without the `cuda` feature")
+        }
+    }
+}
+
 /// Resolves `req` for the rank with local rank `local_rank`. Never panics; with `Cpu` it
 /// does not touch the CUDA libraries at all.
 pub fn resolve(req: DeviceRequest, local_rank: usize) -> anyhow::Result<Resolved> {

@@ -303,25 +303,14 @@ fn cell_line(c: &Cell) -> String {
 
 /// Runs `spec` on the device `--device` picks.
 fn on_device(args: &FinetuneArgs, spec: &Spec) -> Result<()> {
-    use crate::backend::device::{self, Device};
-    let chosen = device::resolve(args.device, 0)?;
-    if let Some(notice) = &chosen.notice {
-        println!("{notice}");
-    }
-    match chosen.device {
-        Device::Cpu => finetune(&crate::backend::cpu::Cpu, args, spec),
-        #[cfg(feature = "cuda")]
-        Device::Cuda { ordinal, name, .. } => {
-            let be = crate::backend::cuda::Cuda::new(
-                ordinal,
-                crate::backend::cuda::CudaOptions { tf32: false },
-            )?;
-            println!("GPU {ordinal} ({name})");
-            finetune(&be, args, spec)
+    struct Job<'a>(&'a FinetuneArgs, &'a Spec);
+    impl crate::backend::device::OnBackend for Job<'_> {
+        type Out = ();
+        fn run<B: Backend>(self, be: &B) -> Result<()> {
+            finetune(be, self.0, self.1)
         }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda { .. } => bail!("this binary was built without the `cuda` feature"),
     }
+    crate::backend::device::run_on(args.device, 0, false, Job(args, spec))
 }
 
 /// One labelled session of the corpus.

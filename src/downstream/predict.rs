@@ -172,25 +172,14 @@ fn inputs(args: &PredictArgs) -> Result<Vec<Input>> {
 pub fn run_predict(args: &PredictArgs) -> Result<()> {
     let ft = Finetuned::open(&args.checkpoint)?;
     let list = inputs(args)?;
-    let chosen = crate::backend::device::resolve(args.device, 0)?;
-    if let Some(n) = &chosen.notice {
-        println!("{n}");
-    }
-    match chosen.device {
-        crate::backend::device::Device::Cpu => predict(&crate::backend::cpu::Cpu, args, &ft, &list),
-        #[cfg(feature = "cuda")]
-        crate::backend::device::Device::Cuda { ordinal, .. } => {
-            let be = crate::backend::cuda::Cuda::new(
-                ordinal,
-                crate::backend::cuda::CudaOptions { tf32: false },
-            )?;
-            predict(&be, args, &ft, &list)
-        }
-        #[cfg(not(feature = "cuda"))]
-        crate::backend::device::Device::Cuda { .. } => {
-            bail!("this binary was built without the `cuda` feature")
+    struct Job<'a>(&'a PredictArgs, &'a Finetuned, &'a [Input]);
+    impl crate::backend::device::OnBackend for Job<'_> {
+        type Out = ();
+        fn run<B: Backend>(self, be: &B) -> Result<()> {
+            predict(be, self.0, self.1, self.2)
         }
     }
+    crate::backend::device::run_on(args.device, 0, false, Job(args, &ft, &list))
 }
 
 fn predict<B: Backend>(be: &B, args: &PredictArgs, ft: &Finetuned, list: &[Input]) -> Result<()> {
@@ -326,29 +315,27 @@ pub fn run_embed(args: &EmbedArgs) -> Result<()> {
     let corpus = Corpus::open(&args.corpus)?;
     cfg.check_grid(corpus.grid(), corpus.spacing())
         .with_context(|| format!("{}", corpus.path().display()))?;
-    let chosen = crate::backend::device::resolve(args.device, 0)?;
-    match chosen.device {
-        crate::backend::device::Device::Cpu => embed(
-            &crate::backend::cpu::Cpu,
-            args,
-            &cfg,
-            &layout,
-            &params,
-            &corpus,
-        ),
-        #[cfg(feature = "cuda")]
-        crate::backend::device::Device::Cuda { ordinal, .. } => {
-            let be = crate::backend::cuda::Cuda::new(
-                ordinal,
-                crate::backend::cuda::CudaOptions { tf32: false },
-            )?;
-            embed(&be, args, &cfg, &layout, &params, &corpus)
-        }
-        #[cfg(not(feature = "cuda"))]
-        crate::backend::device::Device::Cuda { .. } => {
-            bail!("this binary was built without the `cuda` feature")
+    struct Job<'a> {
+        args: &'a EmbedArgs,
+        cfg: &'a ModelConfig,
+        layout: &'a Layout,
+        params: &'a [f32],
+        corpus: &'a Corpus,
+    }
+    impl crate::backend::device::OnBackend for Job<'_> {
+        type Out = ();
+        fn run<B: Backend>(self, be: &B) -> Result<()> {
+            embed(be, self.args, self.cfg, self.layout, self.params, self.corpus)
         }
     }
+    let job = Job {
+        args,
+        cfg: &cfg,
+        layout: &layout,
+        params: &params,
+        corpus: &corpus,
+    };
+    crate::backend::device::run_on(args.device, 0, false, job)
 }
 
 fn embed<B: Backend>(

@@ -1,6 +1,5 @@
 //! `mtx-hpc bench step`: the time of one optimizer step of a stage on random volumes (no
 //! corpus needed), with throughput, achieved GFLOP/s and peak memory, for docs/PERFORMANCE.md.
-use crate::backend::cpu::Cpu;
 use crate::backend::{Adam, Backend};
 use crate::model::augment::Curve;
 use crate::model::encoder;
@@ -58,28 +57,14 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
             args.batch
         );
     }
-    use crate::backend::device::{self, Device};
-    let chosen = device::resolve(args.device, 0)?;
-    if let Some(notice) = &chosen.notice {
-        println!("{notice}");
-    }
-    match chosen.device {
-        Device::Cpu => run_on(&Cpu, args),
-        #[cfg(feature = "cuda")]
-        Device::Cuda { ordinal, name, .. } => {
-            let be = crate::backend::cuda::Cuda::new(
-                ordinal,
-                crate::backend::cuda::CudaOptions { tf32: args.tf32 },
-            )?;
-            println!(
-                "GPU {ordinal}: {name}{}",
-                if args.tf32 { " (TF32)" } else { "" }
-            );
-            run_on(&be, args)
+    struct Job<'a>(&'a crate::cli::BenchStepArgs);
+    impl crate::backend::device::OnBackend for Job<'_> {
+        type Out = ();
+        fn run<B: Backend>(self, be: &B) -> Result<()> {
+            run_on(be, self.0)
         }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda { .. } => bail!("this binary was built without the `cuda` feature"),
     }
+    crate::backend::device::run_on(args.device, 0, args.tf32, Job(args))
 }
 
 /// The timed steps on one backend. Each step ends by reading a parameter back, so a device
