@@ -9,25 +9,26 @@
 //! Stages for the paper preset on a 96x114 axial slice (`[channels, h, w]`; every level's
 //! width is a quarter of the encoder map it adds, at least 4, [`width`]):
 //!
-//! | level | upsample (transposed conv 3x3/2) | adds (1x1 conv of each skip)  | then               | output        |
-//! |-------|----------------------------------|-------------------------------|--------------------|---------------|
-//! | seed  | -                                | s4 [128, 3, 4]; token 64 -> 32 | -                  | [32, 3, 4]    |
-//! | s3    | 32 -> 16                         | s3 [64, 6, 8]                 | conv 3x3, IN, ReLU | [16, 6, 8]    |
-//! | s2    | 16 -> 8                          | s2 [32, 12, 15]               | conv 3x3, IN, ReLU | [8, 12, 15]   |
-//! | s1    | 8 -> 4                           | s1, max-pool [16, 24, 29]     | conv 3x3, IN, ReLU | [4, 24, 29]   |
-//! | stem  | 4 -> 4                           | stem [16, 48, 57]             | conv 3x3, IN, ReLU | [4, 48, 57]   |
-//! | out   | 4 -> 4 classes, + bias           | -                             | -                  | [4, 96, 114]  |
+//! | level | upsample (transposed conv 3x3/2) | adds (1x1 conv of each skip)   | then               | output       |
+//! |-------|----------------------------------|--------------------------------|--------------------|--------------|
+//! | seed  | -                                | s4 [128, 3, 4]; token 64 -> 32 | -                  | [32, 3, 4]   |
+//! | s3    | 32 -> 16                         | s3 [64, 6, 8]                  | conv 3x3, IN, ReLU | [16, 6, 8]   |
+//! | s2    | 16 -> 8                          | s2 [32, 12, 15]                | conv 3x3, IN, ReLU | [8, 12, 15]  |
+//! | s1    | 8 -> 4                           | s1, max-pool [16, 24, 29]      | conv 3x3, IN, ReLU | [4, 24, 29]  |
+//! | stem  | 4 -> 4                           | stem [16, 48, 57]              | conv 3x3, IN, ReLU | [4, 48, 57]  |
+//! | out   | 4 -> 4 classes, + bias           | -                              | -                  | [4, 96, 114] |
 //!
 //! The token (the transformer's final-norm output for this slice) goes through a linear layer
 //! and is added at every position of the seed (a batched GEMM with a ones vector). Skips are
 //! added, not concatenated, after a 1x1 projection to the level's width: adding them at the
 //! encoder's own widths (16 to 128 channels up to h/2) would cost about two thirds of the
 //! encoder's multiply-adds; at these widths the decoder has 17,220 parameters (2.4 % of the
-//! paper encoder's 708,784; tiny: 1,860, 4.1 % of 45,272) and costs 1.77 M multiply-adds per
-//! 96x114 slice (6.5 % of the encoder's 27.1 M), most of it at h/2 and full size, where 4
-//! channels is already the number of classes. The upsampling is the transpose of the stride-2
-//! 3x3 convolution (pad 1) that maps the shallower size to the deeper one, so it lands on the
-//! encoder's exact sizes, odd ones included (15 <- 8, 57 <- 29).
+//! paper encoder's 708,784; tiny: 1,860, 4.1 % of 45,272) and costs 1.78 M multiply-adds per
+//! 96x114 slice (6.6 % of the encoder's 27.05 M; tiny 20 %, its encoder being 8 channels
+//! wide), most of it at h/2 and full size, where 4 channels is already the number of
+//! classes. The upsampling is the transpose of the stride-2 3x3 convolution (pad 1) that maps
+//! the shallower size to the deeper one, so it lands on the encoder's exact sizes, odd ones
+//! included (15 <- 8, 57 <- 29).
 use super::ModelConfig;
 use super::encoder::{self, BLOCKS_PER_STAGE, EncoderSpec, EncoderTape};
 use super::layout::{Builder, Kind};
