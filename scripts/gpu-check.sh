@@ -84,7 +84,7 @@ run() {
     else
         status+=("bench step: this mtx-hpc has no --device yet: timings below are the CPU's")
     fi
-    for stage in triplet mevp; do
+    for stage in triplet mevp mevp-trainable diagnosis age segmentation; do
         local log="$out/bench-$stage-b4.txt"
         if "$BUNDLE/mtx-hpc" bench step --preset paper --batch 4 --stage "$stage" "${device[@]}" >"$log" 2>&1; then
             status+=("bench step $stage b4: $(tail -1 "$log")")

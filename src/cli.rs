@@ -50,7 +50,8 @@ pub enum BenchCommand {
 #[command(
     after_help = "Examples:\n  mtx-hpc bench step --preset paper --batch 4 --stage mevp --threads 2\n  \
 mtx-hpc bench step --preset paper --batch 4 --stage triplet --threads 1\n  \
-mtx-hpc bench step --preset paper --batch 4 --stage mevp-trainable --threads 2"
+mtx-hpc bench step --preset paper --batch 4 --stage mevp-trainable --threads 2\n  \
+mtx-hpc bench step --preset paper --batch 4 --stage segmentation --threads 2"
 )]
 pub struct BenchStepArgs {
     #[arg(long, value_enum, default_value_t = crate::model::Preset::Paper)]
@@ -58,9 +59,10 @@ pub struct BenchStepArgs {
     /// Subjects per step (even).
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// triplet (encoder forward + backward), mevp (frozen encoder, targets not cached) or
-    /// mevp-trainable (encoder trained too: forward with tape, backward through it).
-    #[arg(long, default_value = "mevp", value_parser = ["triplet", "mevp", "mevp-trainable"])]
+    /// triplet (encoder forward + backward), mevp (frozen encoder, targets not cached),
+    /// mevp-trainable (encoder trained too: forward with tape, backward through it), or a
+    /// fine-tuning step of diagnosis, age or segmentation (encoder trained).
+    #[arg(long, default_value = "mevp", value_parser = ["triplet", "mevp", "mevp-trainable", "diagnosis", "age", "segmentation"])]
     pub stage: String,
     /// Timed steps after one warm-up step.
     #[arg(long, default_value_t = 3)]

@@ -378,3 +378,16 @@ fn predict_on_a_new_scan_matches_the_evaluation() {
     let gap: f64 = line[5].parse().unwrap();
     assert!((gap - (age_pred - age.parse::<f64>().unwrap())).abs() < 1e-3);
 }
+
+/// `bench step` times a fine-tuning step of each task (any batch size, no corpus needed).
+#[test]
+fn bench_step_times_fine_tuning_steps() {
+    for task in ["diagnosis", "age", "segmentation"] {
+        let text = ok(&mtx(&[
+            "bench", "step", "--preset", "tiny", "--batch", "1", "--stage", task, "--steps", "1",
+            "--device", "cpu",
+        ]));
+        assert!(text.contains(&format!("fine-tuning {task}")), "{text}");
+        assert!(text.contains("median step"), "{text}");
+    }
+}

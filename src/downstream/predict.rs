@@ -325,7 +325,14 @@ pub fn run_embed(args: &EmbedArgs) -> Result<()> {
     impl crate::backend::device::OnBackend for Job<'_> {
         type Out = ();
         fn run<B: Backend>(self, be: &B) -> Result<()> {
-            embed(be, self.args, self.cfg, self.layout, self.params, self.corpus)
+            embed(
+                be,
+                self.args,
+                self.cfg,
+                self.layout,
+                self.params,
+                self.corpus,
+            )
         }
     }
     let job = Job {

@@ -51,7 +51,8 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
             .num_threads(t.max(1))
             .build_global()?;
     }
-    if args.batch == 0 || args.batch % 2 == 1 {
+    let pretraining = ["triplet", "mevp", "mevp-trainable"].contains(&args.stage.as_str());
+    if args.batch == 0 || (pretraining && args.batch % 2 == 1) {
         bail!(
             "--batch must be positive and even (the triplet pairs subjects), got {}",
             args.batch
@@ -70,6 +71,9 @@ pub fn run(args: &crate::cli::BenchStepArgs) -> Result<()> {
 /// The timed steps on one backend. Each step ends by reading a parameter back, so a device
 /// backend's queued work is inside the step's time.
 fn run_on<B: Backend>(be: &B, args: &crate::cli::BenchStepArgs) -> Result<()> {
+    if let Ok(task) = args.stage.parse::<crate::downstream::Task>() {
+        return bench_finetune(be, args, task);
+    }
     let cfg = ModelConfig::preset(args.preset);
     let layout = Layout::new(&cfg);
     let net = Net::new(&cfg);
@@ -206,6 +210,12 @@ fn run_on<B: Backend>(be: &B, args: &crate::cli::BenchStepArgs) -> Result<()> {
             if step == 0 { " (warm-up)" } else { "" }
         );
     }
+    summary(&mut times, b, slices, flops_per_subject);
+    Ok(())
+}
+
+/// The median step and what it means in subjects, slices and encoder FLOP per second.
+fn summary(times: &mut [f64], b: usize, slices: usize, flops_per_subject: f64) {
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
     println!(
@@ -216,5 +226,115 @@ fn run_on<B: Backend>(be: &B, args: &crate::cli::BenchStepArgs) -> Result<()> {
         flops_per_subject / 1e9,
         peak_mib().map_or("?".to_string(), |m| format!("{m:.0} MiB"))
     );
+}
+
+/// A fine-tuning step of a downstream task (encoder trained): the model `finetune` trains,
+/// on random volumes with a spherical three-label "tumour" for segmentation.
+fn bench_finetune<B: Backend>(
+    be: &B,
+    args: &crate::cli::BenchStepArgs,
+    task: crate::downstream::Task,
+) -> Result<()> {
+    use crate::downstream::Task;
+    use crate::downstream::finetune::Model;
+    use crate::model::Head;
+    let cfg = ModelConfig::preset(args.preset);
+    let head = match task {
+        Task::Diagnosis => Head::Classify,
+        Task::Age => Head::Regress,
+        Task::Segmentation => Head::Segment,
+    };
+    let model = Model {
+        net: Net::new(&cfg),
+        layout: Layout::with_head(&cfg, head),
+        task,
+        scale: (0.0, 1.0),
+        train_encoder: true,
+    };
+    let n = model.layout.total();
+    let b = args.batch;
+    let mut params = be.upload(&init::init_params(&model.layout, 0));
+    let (mut m, mut v, mut grads) = (be.zeros(n), be.zeros(n), be.zeros(n));
+    let vols = volumes(cfg.grid, b);
+    let [gx, gy, gz] = cfg.grid;
+    let mut labels = vec![0u8; vols.len()];
+    for s in 0..b {
+        for (i, l) in labels[s * gx * gy * gz..(s + 1) * gx * gy * gz]
+            .iter_mut()
+            .enumerate()
+        {
+            let (x, y, z) = (i / (gy * gz), (i / gz) % gy, i % gz);
+            let r2 = [(x, gx), (y, gy), (z, gz)]
+                .iter()
+                .map(|&(c, g)| (c as f64 / g as f64 - 0.5).powi(2))
+                .sum::<f64>();
+            *l = if r2 < 0.002 {
+                1
+            } else if r2 < 0.005 {
+                4
+            } else if r2 < 0.01 {
+                2
+            } else {
+                0
+            };
+        }
+    }
+    let targets: Vec<f64> = (0..b).map(|k| (k % 2) as f64).collect();
+    let pos = model.positions(be, &cfg);
+    let fwd_flops: f64 = Plane::ALL
+        .iter()
+        .map(|p| {
+            let (n, h, w) = p.geometry(cfg.grid);
+            n as f64 * encoder::forward_flops(&model.net.encoder, h, w)
+        })
+        .sum();
+    println!(
+        "bench step: preset {}, fine-tuning {task} (encoder trained), batch {b}, threads {}, {} steps after 1 warm-up",
+        cfg.preset,
+        rayon::current_num_threads(),
+        args.steps
+    );
+    let mut times = Vec::new();
+    for step in 0..=args.steps {
+        let t = Instant::now();
+        be.fill(be.view_mut(&mut grads, 0..n), 0.0);
+        let (loss, _) = model.batch(
+            be,
+            &params,
+            Some(&mut grads),
+            &pos,
+            &vols,
+            &labels,
+            &targets,
+            false,
+        )?;
+        let h = Adam {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: step as u64 + 1,
+        };
+        be.adam(
+            &h,
+            be.view_mut(&mut params, 0..n),
+            be.view(&grads, 0..n),
+            be.view_mut(&mut m, 0..n),
+            be.view_mut(&mut v, 0..n),
+        );
+        be.scalar(be.view(&params, 0..1));
+        let s = t.elapsed().as_secs_f64();
+        if step > 0 {
+            times.push(s);
+        }
+        println!(
+            "  step {step}: {s:.3} s, loss {loss:.4}{}",
+            if step == 0 { " (warm-up)" } else { "" }
+        );
+    }
+    // Encoder forward + backward (about 3x forward); the transformer and the decoder are not
+    // counted.
+    summary(&mut times, b, cfg.slices_per_subject(), 3.0 * fwd_flops);
     Ok(())
 }
