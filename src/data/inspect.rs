@@ -5,7 +5,7 @@
 use crate::cli::InspectArgs;
 use crate::data::corpus::{Corpus, SubjectInfo, affine_source_name, is_hdf5};
 use crate::data::montage;
-use crate::model::{Layout, Part};
+use crate::model::Part;
 use crate::train::Checkpoint;
 use crate::train::checkpoint::is_checkpoint;
 use anyhow::{Result, bail};
@@ -321,7 +321,7 @@ pub fn write_png(c: &Corpus, i: usize, out: &Path) -> Result<(usize, usize)> {
 /// the two configurations.
 pub fn describe_checkpoint(c: &Checkpoint) -> Result<String> {
     let m = &c.meta;
-    let layout = Layout::new(&m.model);
+    let layout = c.layout();
     let params = c.read_params(&layout)?;
     let mut t = String::new();
     writeln!(t, "file:            {}", c.path().display())?;
@@ -346,9 +346,14 @@ pub fn describe_checkpoint(c: &Checkpoint) -> Result<String> {
     writeln!(t, "preset:          {}", m.model.preset)?;
     writeln!(
         t,
-        "parameters:      encoder {}, transformer {}, total {} ({} tensors)",
+        "parameters:      encoder {}, transformer {}{}, total {} ({} tensors)",
         layout.param_count(Part::Encoder),
         layout.param_count(Part::Transformer),
+        c.head.map_or(String::new(), |h| format!(
+            ", {} head {}",
+            h.name(),
+            layout.param_count(Part::Head)
+        )),
         layout.param_total(),
         layout.entries().len()
     )?;
@@ -358,6 +363,9 @@ pub fn describe_checkpoint(c: &Checkpoint) -> Result<String> {
         if c.has_moments { "yes" } else { "no" }
     )?;
     writeln!(t, "corpus blake3:   {}", m.corpus_checksum)?;
+    if let Some(d) = &c.downstream {
+        writeln!(t, "fine-tuned for:  {d}")?;
+    }
     writeln!(t, "params blake3:   {} (verified)", c.param_checksum)?;
     writeln!(t, "tensors (layout order: name, shape, L2 norm):")?;
     let width = layout.iter().map(|e| e.name.len()).max().unwrap_or(0);

@@ -109,8 +109,16 @@ impl Finetuned {
         })?;
         let record: TaskRecord = serde_json::from_str(text)
             .with_context(|| format!("{}: unreadable 'downstream' attribute", path.display()))?;
+        if ck.head != Some(record.head) {
+            bail!(
+                "{}: the task record's head ({}) and the stored tensors' ({}) disagree",
+                path.display(),
+                record.head.name(),
+                ck.head.map_or("none", |h| h.name())
+            );
+        }
         let cfg = ck.meta.model.clone();
-        let layout = Layout::with_head(&cfg, record.head);
+        let layout = ck.layout();
         let params = ck.read_params(&layout)?;
         let scale = (record.age_mean.unwrap_or(0.0), record.age_sd.unwrap_or(1.0));
         Ok(Finetuned {

@@ -90,6 +90,23 @@ pub enum Head {
     Segment,
 }
 
+impl Head {
+    pub const ALL: [Head; 3] = [Head::Classify, Head::Regress, Head::Segment];
+
+    /// The name checkpoints store (attribute `head`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Head::Classify => "classify",
+            Head::Regress => "regress",
+            Head::Segment => "segment",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Head> {
+        Head::ALL.into_iter().find(|h| h.name() == name)
+    }
+}
+
 /// The table for one model configuration.
 #[derive(Clone, Debug)]
 pub struct Layout {

@@ -4,7 +4,7 @@
 //! docs/checkpoint-format.md is the user-facing description; keep the two in step.
 use crate::data::corpus::is_hdf5;
 use crate::io::AtomicFile;
-use crate::model::{Layout, ModelConfig};
+use crate::model::{Head, Layout, ModelConfig};
 use crate::train::{RunConfig, Stage};
 use anyhow::{Context, Result, anyhow, bail};
 use hdf5::types::VarLenUnicode;
@@ -55,6 +55,8 @@ pub struct Checkpoint {
     pub param_checksum: String,
     /// Whether /adam_m and /adam_v are present.
     pub has_moments: bool,
+    /// A fine-tuned model's task head (attribute `head`); None in a pretraining checkpoint.
+    pub head: Option<Head>,
     /// A fine-tuned model's task record (JSON, attribute `downstream`), written by
     /// `mtx-hpc finetune`; None in a pretraining checkpoint.
     pub downstream: Option<String>,
@@ -147,6 +149,9 @@ impl Checkpoint {
             .create(out.path())
             .with_context(ctx)?;
         write_root_attrs(&file, meta, &checksum).with_context(ctx)?;
+        if let Some(h) = layout.head() {
+            write_str_attr(&file, "head", h.name()).with_context(ctx)?;
+        }
         if let Some(d) = downstream {
             write_str_attr(&file, "downstream", d).with_context(ctx)?;
         }
@@ -197,8 +202,15 @@ impl Checkpoint {
         if !file.link_exists(PARAMS) {
             bail!("{p}: checkpoint has no /{PARAMS} group");
         }
+        let head = match read_str_attr(&file, "head") {
+            Ok(name) => Some(Head::from_name(&name).ok_or_else(|| {
+                anyhow!("{p}: attribute 'head' is '{name}', not classify, regress or segment")
+            })?),
+            Err(_) => None,
+        };
         Ok(Self {
             path: path.to_path_buf(),
+            head,
             format_version: FORMAT_VERSION,
             tool_version: read_str_attr(&file, "tool_version").with_context(|| p.to_string())?,
             param_checksum: read_str_attr(&file, "param_checksum")
@@ -212,6 +224,14 @@ impl Checkpoint {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The layout the file was written with: the stored model's, with its task head if any.
+    pub fn layout(&self) -> Layout {
+        match self.head {
+            Some(h) => Layout::with_head(&self.meta.model, h),
+            None => Layout::new(&self.meta.model),
+        }
     }
 
     /// The tensors stored in /params as (name, shape), in the file's (alphabetical) order.
