@@ -8,7 +8,8 @@
 //!       (to the batch shell only: `scancel --signal=USR1 --batch`; the script's trap forwards
 //!       it to the step), leaves a complete checkpoint and exits 75; resubmitted with the same
 //!       run name it resumes and ends with exactly the parameters and Adam moments of (a);
-//!   (c) jobs/eval_array.slurm as a job array over a grid file fills every cell's folder with
+//!   (c) jobs/eval_array.slurm as a job array over a grid file (all three tasks) fills every
+//!       cell's folder with
 //!       metrics.json, a cell that cannot run fails loudly (failed.txt, a failed array task,
 //!       named by `mtx-hpc report --grid-file`), and the same array resubmitted after a
 //!       cell's metrics.json was deleted reruns that cell only.
@@ -516,8 +517,12 @@ fn eval_array(slurm: &Slurm, work: &Work) {
     header.params.spacing = 6.0;
     let mut w = CorpusWriter::create(out, &corpus, header, 16).expect("create corpus");
     for k in 0..16 {
-        w.push(common::meta(k), &common::prepared(k, [32, 38, 32], false))
-            .expect("push subject");
+        // Tumour labels on the odd subjects.
+        w.push(
+            common::meta(k),
+            &common::prepared(k, [32, 38, 32], k % 2 == 1),
+        )
+        .expect("push subject");
     }
     w.finish().expect("finish corpus");
     let ckpt = tiny_checkpoint(&dir);
@@ -529,6 +534,7 @@ fn eval_array(slurm: &Slurm, work: &Work) {
          diagnosis 1 1 scratch 0\n\
          age 0 0.5 pretrained 0\n\
          age 1 1 scratch 0\n\
+         segmentation 0 1 pretrained 0\n\
          age 7 1 scratch 0   # fold 7 of 2: fails\n",
     )
     .unwrap();
@@ -539,7 +545,7 @@ fn eval_array(slurm: &Slurm, work: &Work) {
             .current_dir(&dir)
             .args([
                 "--parsable",
-                "--array=0-4",
+                "--array=0-5",
                 "--cpus-per-task=1",
                 "--time=10",
                 "--output",
@@ -567,7 +573,7 @@ fn eval_array(slurm: &Slurm, work: &Work) {
             .unwrap_or("")
             .to_string();
         wait_array(slurm, &id);
-        let outputs: Vec<String> = (0..5)
+        let outputs: Vec<String> = (0..6)
             .map(|a| {
                 std::fs::read_to_string(dir.join(format!("arr-{id}_{a}.out")))
                     .unwrap_or_else(|e| panic!("array task {a}: no output: {e}"))
@@ -580,6 +586,7 @@ fn eval_array(slurm: &Slurm, work: &Work) {
         "diagnosis/fraction-1/scratch/fold-1-seed-0",
         "age/fraction-0.5/pretrained/fold-0-seed-0",
         "age/fraction-1/scratch/fold-1-seed-0",
+        "segmentation/fraction-1/pretrained/fold-0-seed-0",
         "age/fraction-1/scratch/fold-7-seed-0",
     ]
     .map(|d| eval.join(d));
@@ -588,7 +595,7 @@ fn eval_array(slurm: &Slurm, work: &Work) {
         "eval array: first submission {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    for (c, out) in first.iter().enumerate().take(4) {
+    for (c, out) in first.iter().enumerate().take(5) {
         assert!(
             cell_dirs[c].join("metrics.json").is_file()
                 && cell_dirs[c].join("predictions.csv").is_file()
@@ -598,16 +605,16 @@ fn eval_array(slurm: &Slurm, work: &Work) {
         );
         assert!(out.contains(&format!("cell {c} done")), "cell {c}:\n{out}");
     }
-    let failed = cell_dirs[4].join("failed.txt");
+    let failed = cell_dirs[5].join("failed.txt");
     let text = std::fs::read_to_string(&failed).unwrap_or_else(|_| {
         panic!(
-            "cell 4 should have failed and left failed.txt:\n{}",
-            first[4]
+            "cell 5 should have failed and left failed.txt:\n{}",
+            first[5]
         )
     });
     assert!(text.starts_with("age 7 1 scratch 0\n"), "{text}");
     assert!(text.contains("fold 7 is out of range"), "{text}");
-    assert!(first[4].contains("cell 4 FAILED"), "{}", first[4]);
+    assert!(first[5].contains("cell 5 FAILED"), "{}", first[5]);
     // The report names the failed cell.
     let report = dir.join("report");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtx-hpc"))
@@ -633,10 +640,10 @@ fn eval_array(slurm: &Slurm, work: &Work) {
             .and_then(|m| m.modified())
             .unwrap()
     };
-    let before: Vec<_> = (0..4).map(stamp).collect();
+    let before: Vec<_> = (0..5).map(stamp).collect();
     std::fs::remove_file(cell_dirs[2].join("metrics.json")).unwrap();
     let second = submit();
-    for c in [0, 1, 3] {
+    for c in [0, 1, 3, 4] {
         assert!(second[c].contains("skipped"), "cell {c}:\n{}", second[c]);
         assert_eq!(stamp(c), before[c], "cell {c} was rerun");
     }
