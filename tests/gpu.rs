@@ -2,7 +2,8 @@
 //! it: `cargo test --features gpu-tests --test gpu`). Every op on fresh random inputs of
 //! several shapes, with every overwritten output poisoned (NaN) before the launch so an
 //! element the GPU forgets to write shows; the whole tiny model's loss and every gradient
-//! tensor for both objectives; ten training steps; and two identical runs giving identical
+//! tensor for both objectives and for the three fine-tuning models; ten training steps; and
+//! two identical runs giving identical
 //! bits. Errors are `||gpu - cpu|| / ||cpu||` per tensor, printed for every check.
 //!
 //! Tolerances (relative, per tensor), f32 / TF32 (`MTX_GPU_TF32=1`, cuBLAS on tensor cores):
@@ -1072,4 +1073,111 @@ fn two_identical_runs_give_identical_bits() {
             .all(|(x, y)| x.to_bits() == y.to_bits()),
         "trained parameters differ"
     );
+}
+
+/// The fine-tuning models (diagnosis and age heads on the pooled tokens, the segmentation
+/// decoder with its Dice + cross-entropy), encoder trained: loss and every gradient tensor
+/// against the CPU, at the tiny preset.
+#[test]
+fn fine_tuning_models_match_the_cpu() {
+    use mtx_hpc::model::Head;
+    use mtx_hpc::model::decoder;
+    use mtx_hpc::model::task::{self, Scalar};
+    let cfg = ModelConfig::preset(Preset::Tiny);
+    let net = Net::new(&cfg);
+    let vols = volumes(cfg.grid, B, 5);
+    let [gx, gy, gz] = cfg.grid;
+    // A three-label blob in the middle of each volume.
+    let labels: Vec<u8> = (0..B * gx * gy * gz)
+        .map(|i| {
+            let v = i % (gx * gy * gz);
+            let (x, y, z) = (v / (gy * gz), (v / gz) % gy, v % gz);
+            let r2 = [(x, gx), (y, gy), (z, gz)]
+                .iter()
+                .map(|&(c, g)| (c as f64 / g as f64 - 0.5).powi(2))
+                .sum::<f64>();
+            match r2 {
+                r if r < 0.004 => 1,
+                r if r < 0.008 => 4,
+                r if r < 0.02 => 2,
+                _ => 0,
+            }
+        })
+        .collect();
+    let tol = model_tolerance();
+    let mut failures = Vec::new();
+    for head in Head::ALL {
+        let layout = Layout::with_head(&cfg, head);
+        let params = init::init_params(&layout, 4);
+        #[allow(clippy::too_many_arguments)]
+        fn go<Be: Backend>(
+            be: &Be,
+            net: &Net,
+            cfg: &ModelConfig,
+            layout: &Layout,
+            head: Head,
+            params: &[f32],
+            vols: &[f32],
+            labels: &[u8],
+        ) -> (f64, Vec<f32>) {
+            let p = be.upload(params);
+            let mut g = be.zeros(layout.total());
+            let pos = Plane::ALL.map(|pl| {
+                let (n, _, _) = pl.geometry(cfg.grid);
+                be.upload(&init::positions(n, cfg.d, cfg.pos_base))
+            });
+            let loss = match head {
+                Head::Segment => decoder::segment_loss(
+                    be,
+                    net,
+                    &p,
+                    Some(&mut g),
+                    layout,
+                    &pos,
+                    vols,
+                    labels,
+                    B,
+                    true,
+                ),
+                _ => {
+                    let kind = if head == Head::Classify {
+                        Scalar::Logit
+                    } else {
+                        Scalar::Value
+                    };
+                    let t: Vec<f32> = (0..B).map(|k| (k % 2) as f32).collect();
+                    task::scalar_head(
+                        be,
+                        net,
+                        &p,
+                        Some(&mut g),
+                        layout,
+                        &pos,
+                        vols,
+                        &t,
+                        kind,
+                        true,
+                    )
+                    .0
+                }
+            };
+            (loss, host(be, &g))
+        }
+        let (lc, gc) = go(&Cpu, &net, &cfg, &layout, head, &params, &vols, &labels);
+        let (lg, gg) = go(gpu(), &net, &cfg, &layout, head, &params, &vols, &labels);
+        let what = head.name();
+        let le = (lg - lc).abs() / lc.abs();
+        println!("{le:9.2e} (tol {tol:.0e})  {what} loss ({lg} vs {lc})");
+        if !within(le, tol) {
+            failures.push(format!("{what} loss: {lg} vs {lc}"));
+        }
+        for e in &layout {
+            let err = rel_err(&gg[e.range()], &gc[e.range()]);
+            println!("{err:9.2e} (tol {tol:.0e})  {what} gradient {}", e.name);
+            if !within(err, tol) {
+                failures.push(format!("{what} gradient {}: {err:.3e} > {tol:.0e}", e.name));
+            }
+        }
+    }
+    assert_none(failures);
 }
