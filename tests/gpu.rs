@@ -3,8 +3,7 @@
 //! several shapes, with every overwritten output poisoned (NaN) before the launch so an
 //! element the GPU forgets to write shows; the whole tiny model's loss and every gradient
 //! tensor for both objectives and for the three fine-tuning models; ten training steps; and
-//! two identical runs giving identical
-//! bits. Errors are `||gpu - cpu|| / ||cpu||` per tensor, printed for every check.
+//! two identical runs giving identical bits. Errors are `||gpu - cpu|| / ||cpu||` per tensor, printed for every check.
 //!
 //! Tolerances (relative, per tensor), f32 / TF32 (`MTX_GPU_TF32=1`, cuBLAS on tensor cores):
 //! - elementwise, gather/scatter, pooling: 1e-6 / 1e-6 (one rounding, FMA contraction);
