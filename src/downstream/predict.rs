@@ -207,7 +207,7 @@ fn predict<B: Backend>(be: &B, args: &PredictArgs, ft: &Finetuned, list: &[Input
         let t0 = Instant::now();
         let prepared = writeback::prepare_for_prediction(&inp.image, &rec.pack)?;
         for w in &prepared.warnings {
-            eprintln!("{}: warning: {w}", inp.image.display());
+            eprintln!("warning: {w}");
         }
         let target = inp.age.unwrap_or(0.0);
         let (_, out) = ft.model.batch(
