@@ -391,3 +391,87 @@ fn bench_step_times_fine_tuning_steps() {
         assert!(text.contains("median step"), "{text}");
     }
 }
+
+/// Segmentation: metrics per region, and each test subject's mask written on its source
+/// grid with its source affine (read back with nibabel).
+#[test]
+fn segmentation_writes_masks_on_the_source_grid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = corpus(tmp.path(), "c.h5", true);
+    let out = tmp.path().join("seg");
+    ok(&mtx(&[
+        "finetune",
+        "--task",
+        "segmentation",
+        "--corpus",
+        s(&c),
+        "--scratch",
+        "--out",
+        s(&out),
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]));
+    let m = MetricsFile::read(&out.join("metrics.json")).unwrap();
+    for name in [
+        "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et",
+    ] {
+        assert!(m.results.get(name).is_some(), "{name} missing");
+    }
+    let corpus = mtx_hpc::data::corpus::Corpus::open(&c).unwrap();
+    let csv = std::fs::read_to_string(out.join("predictions.csv")).unwrap();
+    let ids: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4, "the 4 tumour subjects of fold 0:\n{csv}");
+    let script = "import sys, json, nibabel as nib, numpy as np\n\
+        for p in sys.argv[1:]:\n    \
+            img = nib.load(p)\n    \
+            d = np.asanyarray(img.dataobj)\n    \
+            print(json.dumps({'shape': list(img.shape), 'affine': img.affine.tolist(), \
+            'dtype': str(d.dtype), 'codes': sorted(set(np.unique(d).tolist()))}))\n";
+    let paths: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            out.join("masks")
+                .join(format!("{id}_seg.nii.gz"))
+                .display()
+                .to_string()
+        })
+        .collect();
+    let mut args = vec!["-c", script];
+    args.extend(paths.iter().map(String::as_str));
+    let printed = common::run_python(&args);
+    for (id, line) in ids.iter().zip(printed.lines()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let g = &corpus.subjects()[corpus.find(id, None).unwrap()].geometry;
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(shape, g.source_shape.to_vec(), "{id}");
+        for r in 0..4 {
+            for k in 0..4 {
+                let a = v["affine"][r][k].as_f64().unwrap();
+                assert!(
+                    (a - g.source_affine[r][k]).abs() < 1e-4,
+                    "{id} affine[{r}][{k}]: {a}"
+                );
+            }
+        }
+        assert_eq!(v["dtype"], "uint8", "{id}");
+        for code in v["codes"].as_array().unwrap() {
+            assert!(
+                [0, 1, 2, 4].contains(&code.as_u64().unwrap()),
+                "{id}: code {code}"
+            );
+        }
+    }
+}

@@ -14,6 +14,7 @@ use crate::backend::Backend;
 use crate::backend::device::DeviceRequest;
 use crate::data::corpus::Corpus;
 use crate::data::preprocess::PackParams;
+use crate::data::writeback;
 use crate::io::file_checksum;
 use crate::model::decoder;
 use crate::model::objective::Net;
@@ -1000,9 +1001,37 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
                 "subject_id,session,dice_wt,dice_tc,dice_et,voxels_true,voxels_pred".to_string(),
             );
             let mut truth = Vec::new();
+            // Each test subject's predicted mask on its source grid and affine, next to the
+            // metrics, so a viewer shows it over the input scan.
+            let masks = spec.out.join(MASKS);
+            std::fs::create_dir_all(&masks)
+                .with_context(|| format!("{}: cannot create", masks.display()))?;
             for (s, probs) in test.iter().zip(&test_out.probs) {
                 corpus.read_labels(s.index, &mut truth)?;
                 let pred = argmax_codes(probs, truth.len());
+                let g = &corpus.subjects()[s.index].geometry;
+                let on_source = writeback::probs_to_source(
+                    probs,
+                    decoder::CLASSES,
+                    cfg.grid,
+                    &g.grid_to_source,
+                    g.source_shape,
+                )?;
+                let codes: Vec<u8> = on_source
+                    .iter()
+                    .map(|&c| decoder::CODES[usize::from(c)])
+                    .collect();
+                let name = if s.session.is_empty() {
+                    format!("{}_seg.nii.gz", s.subject)
+                } else {
+                    format!("{}_{}_seg.nii.gz", s.subject, s.session)
+                };
+                writeback::write_label_nifti(
+                    &masks.join(name),
+                    &codes,
+                    g.source_shape,
+                    &g.source_affine,
+                )?;
                 let mut dice = Vec::new();
                 for (r, region) in Region::ALL.into_iter().enumerate() {
                     let d = metrics::dice(&pred, &truth, region);
@@ -1105,6 +1134,8 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
 pub const FINETUNED: &str = "finetuned.h5";
 /// The per-subject test predictions.
 pub const PREDICTIONS: &str = "predictions.csv";
+/// Segmentation: the test subjects' predicted masks on their source grids.
+pub const MASKS: &str = "masks";
 
 fn mean_of(x: &[f64]) -> metrics::Metric {
     if x.is_empty() {
