@@ -169,7 +169,12 @@ fn mevp_vs_position_means(
 fn corpus_and_run() -> (PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("mtx-learning-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let corpus = common::tiny_corpus(&dir, 40, 5);
+    // MTX_LEARN_SUBJECTS=N synthesises N subjects instead of 40 (does more data help?).
+    let subjects = std::env::var("MTX_LEARN_SUBJECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let corpus = common::tiny_corpus(&dir, subjects, 5);
     // The triplet stage, then MEVP from its encoder for longer: MEVP steps are ~10x cheaper.
     let stage = |name: &str, toml: &str, extra: &[&str]| {
         let cfg = dir.join(format!("{name}.toml"));
