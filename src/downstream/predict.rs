@@ -120,6 +120,7 @@ impl Finetuned {
                 task: record.task,
                 scale,
                 train_encoder: false,
+                tumour_weight: 1.0,
             },
             record,
             cfg,
