@@ -95,7 +95,7 @@ pub struct FinetuneArgs {
     pub lr: f64,
     /// Learning-rate schedule over the run's steps: `constant` (--lr throughout) or `cosine`
     /// (from --lr down to 0 at the last step: lr/2 (1 + cos(pi (step - 1) / steps))).
-    #[arg(long, value_enum, default_value_t = Schedule::Constant)]
+    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
     pub schedule: Schedule,
     /// Decoupled weight decay (AdamW) on the trained parameters; 0 gives Adam.
     #[arg(long, default_value_t = 0.0)]
