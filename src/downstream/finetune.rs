@@ -1224,3 +1224,22 @@ pub(crate) fn argmax_codes(probs: &[f32], voxels: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_starts_at_lr_halves_midway_and_stays_positive() {
+        let (lr, steps) = (2e-3, 100);
+        assert_eq!(Schedule::Constant.lr(lr, 57, steps), lr);
+        assert!((Schedule::Cosine.lr(lr, 1, steps) - lr).abs() < 1e-15);
+        assert!((Schedule::Cosine.lr(lr, 51, steps) - lr / 2.0).abs() < 1e-12);
+        let last = Schedule::Cosine.lr(lr, steps, steps);
+        assert!(last > 0.0 && last < 1e-3 * lr, "{last}");
+        let all: Vec<f64> = (1..=steps)
+            .map(|s| Schedule::Cosine.lr(lr, s, steps))
+            .collect();
+        assert!(all.windows(2).all(|w| w[1] < w[0]));
+    }
+}
