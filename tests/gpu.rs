@@ -1137,6 +1137,7 @@ fn fine_tuning_models_match_the_cpu() {
                     labels,
                     B,
                     true,
+                    1.0,
                 ),
                 _ => {
                     let kind = if head == Head::Classify {

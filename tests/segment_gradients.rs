@@ -120,6 +120,8 @@ fn loss_and_grad(
         &s.labels,
         B,
         train_encoder,
+        // Tumour voxels weighted in the cross-entropy (`--tumour-weight`), checked too.
+        3.0,
     );
     (loss, g)
 }
@@ -317,6 +319,7 @@ fn the_last_pass_finishes_gradients_in_layout_order() {
         &s.labels,
         B,
         true,
+        1.0,
     );
     let offsets = rec.offsets.into_inner();
     assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");

@@ -115,6 +115,10 @@ pub struct DiceCe {
     pub hw: usize,
     /// Smoothing of the soft Dice, in pixels: `(2 I + eps) / (P + G + eps)`.
     pub eps: f64,
+    /// Cross-entropy weight of a pixel whose label is a tumour class (class >= 1); background
+    /// pixels weigh 1. The weighted sum is still divided by the number of pixels. 1 gives the
+    /// unweighted loss.
+    pub fg_weight: f64,
 }
 
 impl DiceCe {

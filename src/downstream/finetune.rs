@@ -16,6 +16,7 @@ use crate::data::corpus::Corpus;
 use crate::data::preprocess::PackParams;
 use crate::data::writeback;
 use crate::io::file_checksum;
+use crate::model::augment::Curve;
 use crate::model::decoder;
 use crate::model::objective::Net;
 use crate::model::task::{self, Scalar};
@@ -93,6 +94,20 @@ pub struct FinetuneArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = 3e-4)]
     pub lr: f64,
+    /// Learning-rate schedule over the run's steps: `constant` (--lr throughout) or `cosine`
+    /// (from --lr down to 0 at the last step: lr/2 (1 + cos(pi (step - 1) / steps))).
+    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
+    pub schedule: Schedule,
+    /// Decoupled weight decay (AdamW) on the trained parameters; 0 gives Adam.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Probability that a training volume goes through a random monotone intensity curve
+    /// (the Bezier curves of the triplet stage) in an epoch; drawn per (seed, epoch, subject).
+    #[arg(long, default_value_t = 0.0)]
+    pub augment: f64,
+    /// Segmentation: cross-entropy weight of the tumour voxels (background weighs 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub tumour_weight: f64,
     /// Fraction of the (label-fraction) training subjects held out for the inner validation.
     #[arg(long, default_value_t = 0.2)]
     pub val_fraction: f64,
@@ -114,6 +129,28 @@ pub struct FinetuneArgs {
     /// Replace an existing finished run in --out.
     #[arg(long)]
     pub force: bool,
+}
+
+/// The learning-rate schedule of a fine-tuning run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    /// --lr at every step.
+    Constant,
+    /// Half a cosine from --lr at the first step towards 0 after the last.
+    Cosine,
+}
+
+impl Schedule {
+    /// The learning rate of step `step` (from 1) of `steps`.
+    pub fn lr(self, lr: f64, step: u64, steps: u64) -> f64 {
+        match self {
+            Schedule::Constant => lr,
+            Schedule::Cosine => {
+                let t = (step.saturating_sub(1)) as f64 / steps.max(1) as f64;
+                0.5 * lr * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
 }
 
 fn parse_task(s: &str) -> Result<Task, String> {
@@ -508,6 +545,8 @@ pub(crate) struct Model {
     /// Age standardisation (mean, sd).
     pub scale: (f64, f64),
     pub train_encoder: bool,
+    /// Segmentation: cross-entropy weight of tumour voxels (1 at prediction: no loss there).
+    pub tumour_weight: f64,
 }
 
 impl Model {
@@ -558,6 +597,7 @@ impl Model {
                         labels,
                         b,
                         self.train_encoder,
+                        self.tumour_weight,
                     )
                 };
                 let mut out = Outputs::default();
@@ -654,6 +694,21 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
     if args.epochs == 0 {
         bail!("--epochs must be positive");
     }
+    if !(args.weight_decay.is_finite() && args.weight_decay >= 0.0) {
+        bail!(
+            "--weight-decay must be 0 or positive, got {}",
+            args.weight_decay
+        );
+    }
+    if !(0.0..=1.0).contains(&args.augment) {
+        bail!("--augment is a probability in [0, 1], got {}", args.augment);
+    }
+    if !(args.tumour_weight.is_finite() && args.tumour_weight > 0.0) {
+        bail!(
+            "--tumour-weight must be positive, got {}",
+            args.tumour_weight
+        );
+    }
     let corpus = Corpus::open(&args.corpus)?;
     let corpus_checksum = file_checksum(&args.corpus)?;
     let pretrained = spec
@@ -731,6 +786,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         task,
         scale,
         train_encoder: !args.freeze_encoder,
+        tumour_weight: args.tumour_weight,
     };
     let layout = &model.layout;
     let trainable = if args.freeze_encoder {
@@ -769,6 +825,8 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         raw: Vec::new(),
     };
     let mut best: Option<(f64, usize, Vec<f32>)> = None;
+    let seg = task == Task::Segmentation;
+    let total_steps = (args.epochs * fit.len().div_ceil(args.batch)) as u64;
     let mut step = 0u64;
     let bar = crate::progress::bar(args.epochs as u64, task.name());
     for epoch in 0..args.epochs {
@@ -782,8 +840,21 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         let mut train_loss = 0.0;
         for batch in order.chunks(args.batch) {
             be.fill(be.view_mut(&mut grads, 0..layout.total()), 0.0);
-            let (loss, _) =
-                model.step(be, &params, Some(&mut grads), &pos, &mut data, batch, false)?;
+            let (mut vols, labels) = data.read(batch, seg)?;
+            if args.augment > 0.0 {
+                augment(&mut vols, batch, spec.seed, epoch as u64, args.augment);
+            }
+            let targets: Vec<f64> = batch.iter().map(|s| s.target).collect();
+            let (loss, _) = model.batch(
+                be,
+                &params,
+                Some(&mut grads),
+                &pos,
+                &vols,
+                &labels,
+                &targets,
+                false,
+            )?;
             let norm = be.sum_squares(be.view(&grads, trainable.clone())).sqrt();
             if !(loss.is_finite() && norm.is_finite()) {
                 bail!(
@@ -799,11 +870,11 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
             }
             step += 1;
             let h = crate::backend::Adam {
-                lr: args.lr as f32,
+                lr: args.schedule.lr(args.lr, step, total_steps) as f32,
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
-                weight_decay: 0.0,
+                weight_decay: args.weight_decay as f32,
                 step,
             };
             let g = be.view(&grads, trainable.clone());
@@ -847,7 +918,6 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
     let params = be.upload(&best_params);
 
     // Decision threshold / bias correction from data the test never saw.
-    let seg = task == Task::Segmentation;
     let (_, val_out) = if seg {
         Default::default()
     } else {
@@ -1130,6 +1200,20 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
     Ok(())
 }
 
+/// Intensity augmentation of training volumes `[b, X, Y, Z]` (min-max normalised to [0, 1]):
+/// with probability `p` a volume goes through a random monotone Bezier curve
+/// ([`Curve`]). Both draws come from a stream keyed by (seed, epoch, corpus index), so a run
+/// is reproducible whatever the batch size or thread count.
+fn augment(vols: &mut [f32], batch: &[&Sample], seed: u64, epoch: u64, p: f64) {
+    let per = vols.len() / batch.len().max(1);
+    for (s, v) in batch.iter().zip(vols.chunks_mut(per)) {
+        let mut r = crate::rng::keyed(seed, &[epoch, s.index as u64], "finetune-bezier");
+        if crate::rng::unit(&mut r) < p {
+            Curve::random(&mut r).apply(v);
+        }
+    }
+}
+
 /// The fine-tuned checkpoint's file name in a run folder.
 pub const FINETUNED: &str = "finetuned.h5";
 /// The per-subject test predictions.
@@ -1159,4 +1243,23 @@ pub(crate) fn argmax_codes(probs: &[f32], voxels: usize) -> Vec<u8> {
             decoder::CODES[best]
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_starts_at_lr_halves_midway_and_stays_positive() {
+        let (lr, steps) = (2e-3, 100);
+        assert_eq!(Schedule::Constant.lr(lr, 57, steps), lr);
+        assert!((Schedule::Cosine.lr(lr, 1, steps) - lr).abs() < 1e-15);
+        assert!((Schedule::Cosine.lr(lr, 51, steps) - lr / 2.0).abs() < 1e-12);
+        let last = Schedule::Cosine.lr(lr, steps, steps);
+        assert!(last > 0.0 && last < 1e-3 * lr, "{last}");
+        let all: Vec<f64> = (1..=steps)
+            .map(|s| Schedule::Cosine.lr(lr, s, steps))
+            .collect();
+        assert!(all.windows(2).all(|w| w[1] < w[0]));
+    }
 }

@@ -128,6 +128,7 @@ impl Finetuned {
                 task: record.task,
                 scale,
                 train_encoder: false,
+                tumour_weight: 1.0,
             },
             record,
             cfg,

@@ -711,7 +711,8 @@ pub fn backward<B: Backend>(
 /// The segmentation loss of logits `[n_subjects * n, CLASSES, h, w]` (each subject's `n`
 /// slices of one plane) against class indices `labels [n_subjects * n, h, w]`: per subject,
 /// the pixel mean of the softmax cross-entropy plus `1 -` the mean soft Dice of the three
-/// tumour classes ([`DICE_EPS`]), averaged over the subjects; and its gradient. It runs as
+/// tumour classes ([`DICE_EPS`]), averaged over the subjects; and its gradient. Pixels of the
+/// tumour classes weigh `fg_weight` in the cross-entropy (background 1). It runs as
 /// [`Backend::dice_ce`], whose default computes on the host (the logits downloaded, the
 /// gradient uploaded); a backend may replace it with a kernel.
 pub fn dice_ce<B: Backend>(
@@ -722,6 +723,7 @@ pub fn dice_ce<B: Backend>(
     n: usize,
     h: usize,
     w: usize,
+    fg_weight: f64,
 ) -> (f64, B::Buf) {
     let s = DiceCe {
         subjects: n_subjects,
@@ -729,6 +731,7 @@ pub fn dice_ce<B: Backend>(
         classes: CLASSES,
         hw: h * w,
         eps: DICE_EPS,
+        fg_weight,
     };
     let mut dlogits = be.zeros(s.len());
     let loss = be.dice_ce(&s, all(be, logits), labels, all_mut(be, &mut dlogits));
@@ -752,7 +755,8 @@ fn plane_labels(grid: [usize; 3], plane: Plane, classes: &[u8], b: usize) -> Vec
 /// The segmentation objective of `b` subjects `volumes [b, X, Y, Z]` with label maps `labels
 /// [b, X, Y, Z]` in codes ([`CODES`]; validate them with [`classes_of_codes`], another code
 /// panics here): the three planes contextualised, each plane's slices decoded with their
-/// tokens, and [`dice_ce`] per plane summed over the planes. With `grads`, the backward pass
+/// tokens, and [`dice_ce`] per plane (tumour pixels weighing `fg_weight` in its
+/// cross-entropy) summed over the planes. With `grads`, the backward pass
 /// accumulates the decoder's and the transformer's gradients, and the encoder's (through its
 /// output vectors and its maps) when `train_encoder`; the three planes' passes each run in
 /// layout order, the last one announced by [`ParamIndex::last_pass`].
@@ -767,6 +771,7 @@ pub fn segment_loss<B: Backend>(
     labels: &[u8],
     b: usize,
     train_encoder: bool,
+    fg_weight: f64,
 ) -> f64 {
     let classes = classes_of_codes(labels).unwrap_or_else(|e| panic!("{e}"));
     let planes = task::contextualise(be, net, params, idx, pos, volumes, b, true);
@@ -777,7 +782,7 @@ pub fn segment_loss<B: Backend>(
         let tokens = all(be, &pl.tokens);
         let (logits, tape) = forward(be, &net.encoder, params, idx, enc, tokens, b * n, h, w);
         let labels = plane_labels(net.grid, pl.plane, &classes, b);
-        let (l, dlogits) = dice_ce(be, &logits, &labels, b, n, h, w);
+        let (l, dlogits) = dice_ce(be, &logits, &labels, b, n, h, w, fg_weight);
         loss += l;
         let Some(grads) = grads.as_deref_mut() else {
             continue;

@@ -250,6 +250,7 @@ fn bench_finetune<B: Backend>(
         task,
         scale: (0.0, 1.0),
         train_encoder: true,
+        tumour_weight: 1.0,
     };
     let n = model.layout.total();
     let b = args.batch;

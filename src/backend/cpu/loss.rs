@@ -144,7 +144,8 @@ fn dice_ce_subject<T: Real>(s: &DiceCe, z: &[T], y: &[u8], dz: &mut [T]) -> f64 
                 sum += e[c];
             }
             // -log p_label = logsumexp(z) - z_label, finite for any logits.
-            ce += max + sum.ln() - f(z[at(k, label, q)]);
+            let weight = if label == 0 { 1.0 } else { s.fg_weight };
+            ce += weight * (max + sum.ln() - f(z[at(k, label, q)]));
             for c in 0..classes {
                 let p = e[c] / sum;
                 psum[c] += p;
@@ -168,12 +169,14 @@ fn dice_ce_subject<T: Real>(s: &DiceCe, z: &[T], y: &[u8], dz: &mut [T]) -> f64 
         beta[c] = num / (u * u * dice_classes);
     }
     // Pass 2: through the softmax, dz_c = p_c (a_c - sum_c' p_c' a_c') for the Dice part,
-    // (p_c - [c = label]) / pixels for the cross-entropy; both over the batch's subjects.
+    // w_label (p_c - [c = label]) / pixels for the cross-entropy; both over the batch's
+    // subjects.
     let scale = 1.0 / s.subjects as f64;
     let mut a = vec![0.0; classes];
     for k in 0..s.slices {
         for q in 0..hw {
             let label = usize::from(y[k * hw + q]);
+            let weight = if label == 0 { 1.0 } else { s.fg_weight };
             let mut mean = 0.0;
             for c in 0..classes {
                 a[c] = beta[c] + if c == label { alpha[c] } else { 0.0 };
@@ -182,7 +185,7 @@ fn dice_ce_subject<T: Real>(s: &DiceCe, z: &[T], y: &[u8], dz: &mut [T]) -> f64 
             for c in 0..classes {
                 let p = f(dz[at(k, c, q)]);
                 let hit = if c == label { 1.0 } else { 0.0 };
-                dz[at(k, c, q)] = t(scale * (p * (a[c] - mean) + (p - hit) / pixels));
+                dz[at(k, c, q)] = t(scale * (p * (a[c] - mean) + weight * (p - hit) / pixels));
             }
         }
     }
@@ -320,6 +323,7 @@ mod tests {
             classes: 4,
             hw: 12,
             eps: 1.0,
+            fg_weight: 1.0,
         };
         let logits: Vec<f64> = random(s.len(), 21).iter().map(|v| 3.0 * v).collect();
         let labels: Vec<u8> = (0..s.subjects * s.slices * s.hw)
@@ -343,7 +347,8 @@ mod tests {
                     let zs: Vec<f64> = (0..4).map(|c| z[(row * 4 + c) * s.hw + q]).collect();
                     let norm: f64 = zs.iter().map(|v| v.exp()).sum();
                     let label = y[row * s.hw + q] as usize;
-                    ce -= (zs[label].exp() / norm).ln();
+                    let w = if label == 0 { 1.0 } else { s.fg_weight };
+                    ce -= w * (zs[label].exp() / norm).ln();
                     for c in 0..4 {
                         let p = zs[c].exp() / norm;
                         psum[c] += p;
@@ -391,6 +396,31 @@ mod tests {
             l.is_finite() && scratch.iter().all(|g| g.is_finite()),
             "{l}"
         );
+    }
+
+    #[test]
+    fn dice_ce_weighted_value_and_gradient() {
+        let (mut s, mut logits, labels) = dice_inputs();
+        s.fg_weight = 7.5;
+        let mut grad = vec![f64::NAN; s.len()];
+        let loss = dice_ce(&s, &logits, &labels, &mut grad);
+        let want = dice_ce_direct(&s, &logits, &labels);
+        assert!((loss - want).abs() < 1e-13, "{loss} vs {want}");
+        let mut scratch = vec![0.0; s.len()];
+        check(
+            "weighted dice_ce dlogits",
+            &mut logits,
+            &grad,
+            1000,
+            1e-8,
+            |z| dice_ce(&s, z, &labels, &mut scratch),
+        );
+        // The weight raises the loss where tumour pixels are poorly predicted.
+        let unweighted = DiceCe {
+            fg_weight: 1.0,
+            ..s
+        };
+        assert!(loss > dice_ce(&unweighted, &logits, &labels, &mut scratch));
     }
 
     #[test]
