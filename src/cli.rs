@@ -309,6 +309,15 @@ fn parse_grid(s: &str) -> Result<[usize; 3], String> {
 }
 
 /// Parses the command line, runs the subcommand, prints any error once with its causes.
+/// How a collective stop is said: a signal stop as a plain line, anything else as an error.
+pub fn report_collective(c: &crate::dist::Collective) {
+    if c.code == crate::train::pretrain::EXIT_INTERRUPTED {
+        eprintln!("{}", c.message);
+    } else {
+        eprintln!("error: {}", c.message);
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -330,10 +339,8 @@ pub fn main() -> ExitCode {
             let c = e
                 .downcast_ref::<crate::dist::Collective>()
                 .expect("checked");
-            if c.report && c.code == crate::train::pretrain::EXIT_INTERRUPTED {
-                eprintln!("{}", c.message);
-            } else if c.report {
-                eprintln!("error: {}", c.message);
+            if c.report {
+                report_collective(c);
             }
             ExitCode::from(c.code)
         }

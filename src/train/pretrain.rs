@@ -867,7 +867,20 @@ pub fn run(args: &crate::cli::PretrainArgs) -> Result<()> {
     }
     match on_device(args, &world, stop) {
         Ok(()) => Ok(()),
-        Err(e) if world.size == 1 || e.is::<Collective>() => Err(e),
+        Err(e) if world.size == 1 => Err(e),
+        Err(e) if e.is::<Collective>() => {
+            // Every rank is here together. Rank 0 says why now, and no rank exits before it
+            // has: a launcher (mpirun, srun --kill-on-bad-exit) kills the others as soon as
+            // one rank exits non-zero, which cut rank 0 off mid-message (and, before this
+            // barrier, could cut it off while it was still writing the checkpoint).
+            let mut c = e.downcast::<Collective>().expect("checked");
+            if c.report {
+                crate::cli::report_collective(&c);
+                c.report = false;
+            }
+            world.barrier();
+            Err(c.into())
+        }
         Err(e) => {
             eprintln!("error on rank {} of {}: {e:#}", world.rank, world.size);
             world.abort(1)
