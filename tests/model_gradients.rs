@@ -3,33 +3,13 @@
 //! differences of the loss: directional derivatives along random directions over each case's
 //! trainable part, and a sample of single coordinates in every tensor. The model runs on the
 //! f64 CPU backend (the same op code as f32), so rounding does not hide a wiring mistake.
+mod common;
+
+use common::blob_volumes as volumes;
 use mtx_hpc::backend::cpu::Cpu64;
 use mtx_hpc::model::objective::{self, DropoutDraw, Masks, MevpOptions, Net};
 use mtx_hpc::model::{Layout, ModelConfig, Part, Plane, Preset, init};
 use mtx_hpc::rng;
-
-fn volumes(grid: [usize; 3], b: usize, seed: u64) -> Vec<f32> {
-    // Smooth blobs plus noise: instance norms see real variation, no exact ties for max-pool.
-    let mut r = rng::keyed(seed, &[], "test-volumes");
-    let [x, y, z] = grid;
-    let mut out = Vec::with_capacity(b * x * y * z);
-    for s in 0..b {
-        let f = 0.2 + 0.1 * s as f32;
-        for i in 0..x {
-            for j in 0..y {
-                for k in 0..z {
-                    let v = ((i as f32 * f).sin() * (j as f32 * 0.3).cos()
-                        + (k as f32 * 0.17).sin())
-                        * 0.25
-                        + 0.5
-                        + 0.05 * rng::unit(&mut r) as f32;
-                    out.push(v);
-                }
-            }
-        }
-    }
-    out
-}
 
 /// The paper's margin.
 const MARGIN: f32 = 1.0;

@@ -4,6 +4,8 @@
 //! coordinates of every tensor of the layout with the segmentation head. Also: a frozen
 //! encoder gets nothing and changes nothing else, the last backward pass finishes gradients
 //! in layout order, and the 3-D probability map is the mean of the planes' softmax maps.
+mod common;
+
 use mtx_hpc::backend::Backend;
 use mtx_hpc::backend::cpu::Cpu64;
 use mtx_hpc::model::decoder::{self, CLASSES};
@@ -13,30 +15,6 @@ use mtx_hpc::model::{Head, Layout, ModelConfig, Part, Plane, Preset, init, task}
 use mtx_hpc::rng;
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
-
-/// Two subjects: smooth blobs plus noise (instance norms see real variation, max-pool no
-/// ties).
-fn volumes(grid: [usize; 3], b: usize) -> Vec<f32> {
-    let mut r = rng::keyed(1, &[], "test-volumes");
-    let [x, y, z] = grid;
-    let mut out = Vec::with_capacity(b * x * y * z);
-    for s in 0..b {
-        let f = 0.2 + 0.1 * s as f32;
-        for i in 0..x {
-            for j in 0..y {
-                for k in 0..z {
-                    let v = ((i as f32 * f).sin() * (j as f32 * 0.3).cos()
-                        + (k as f32 * 0.17).sin())
-                        * 0.25
-                        + 0.5
-                        + 0.05 * rng::unit(&mut r) as f32;
-                    out.push(v);
-                }
-            }
-        }
-    }
-    out
-}
 
 /// BraTS codes: subject 0 has a tumour (enhancing rim 4 around a necrotic core 1, oedema 2
 /// around both), subject 1 none, so its tumour classes are absent.
@@ -92,7 +70,7 @@ fn setup() -> Setup {
     });
     Setup {
         net: Net::new(&cfg),
-        vols: volumes(cfg.grid, B),
+        vols: common::blob_volumes(cfg.grid, B, 1),
         labels: labels(cfg.grid),
         layout,
         params,

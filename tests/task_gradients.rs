@@ -1,33 +1,13 @@
 //! The fine-tuning model's gradients with a scalar head (diagnosis logit, standardised age):
 //! encoder -> transformer per plane -> mean of each plane's tokens -> `head.fc`, against
 //! central finite differences in f64, with the encoder trained and frozen.
+mod common;
+
 use mtx_hpc::backend::cpu::Cpu64;
 use mtx_hpc::model::objective::Net;
 use mtx_hpc::model::task::{self, Scalar};
 use mtx_hpc::model::{Head, Layout, ModelConfig, Part, Plane, Preset, init};
 use mtx_hpc::rng;
-
-fn volumes(grid: [usize; 3], b: usize) -> Vec<f32> {
-    let mut r = rng::keyed(4, &[], "test-volumes");
-    let [x, y, z] = grid;
-    let mut out = Vec::with_capacity(b * x * y * z);
-    for s in 0..b {
-        let f = 0.2 + 0.1 * s as f32;
-        for i in 0..x {
-            for j in 0..y {
-                for k in 0..z {
-                    out.push(
-                        ((i as f32 * f).sin() * (j as f32 * 0.3).cos() + (k as f32 * 0.17).sin())
-                            * 0.25
-                            + 0.5
-                            + 0.05 * rng::unit(&mut r) as f32,
-                    );
-                }
-            }
-        }
-    }
-    out
-}
 
 fn check(head: Head, kind: Scalar, train_encoder: bool) {
     let be = Cpu64;
@@ -38,7 +18,7 @@ fn check(head: Head, kind: Scalar, train_encoder: bool) {
         .into_iter()
         .map(f64::from)
         .collect();
-    let vols = volumes(cfg.grid, 3);
+    let vols = common::blob_volumes(cfg.grid, 3, 4);
     let targets = match kind {
         Scalar::Logit => vec![1.0, 0.0, 1.0],
         Scalar::Value => vec![0.7, -1.2, 0.1],

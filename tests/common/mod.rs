@@ -193,3 +193,27 @@ pub fn tiny_corpus(dir: &Path, subjects: usize, seed: u64) -> PathBuf {
     );
     corpus
 }
+
+/// Smooth blobs plus noise over `b` volumes of `grid` (stream (seed, "test-volumes")): instance
+/// norms see real variation and max-pool meets no exact ties. The model gradient tests use it.
+pub fn blob_volumes(grid: [usize; 3], b: usize, seed: u64) -> Vec<f32> {
+    let mut r = mtx_hpc::rng::keyed(seed, &[], "test-volumes");
+    let [x, y, z] = grid;
+    let mut out = Vec::with_capacity(b * x * y * z);
+    for s in 0..b {
+        let f = 0.2 + 0.1 * s as f32;
+        for i in 0..x {
+            for j in 0..y {
+                for k in 0..z {
+                    let v = ((i as f32 * f).sin() * (j as f32 * 0.3).cos()
+                        + (k as f32 * 0.17).sin())
+                        * 0.25
+                        + 0.5
+                        + 0.05 * mtx_hpc::rng::unit(&mut r) as f32;
+                    out.push(v);
+                }
+            }
+        }
+    }
+    out
+}
