@@ -7,8 +7,8 @@ use common::mtx;
 use mtx_hpc::data::corpus::{CorpusWriter, SubjectMeta};
 use mtx_hpc::downstream::report::MetricsFile;
 use mtx_hpc::io::AtomicFile;
-use mtx_hpc::model::{Layout, ModelConfig, Preset, init};
-use mtx_hpc::train::{Checkpoint, CheckpointMeta, RunConfig, Stage};
+use mtx_hpc::model::{Layout, ModelConfig, Preset};
+use mtx_hpc::train::Checkpoint;
 use std::path::{Path, PathBuf};
 
 const TINY: [usize; 3] = [32, 38, 32];
@@ -48,35 +48,6 @@ fn corpus(dir: &Path, name: &str, labels: bool) -> PathBuf {
     w.finish().unwrap()
 }
 
-fn checkpoint(dir: &Path, preset: Preset) -> PathBuf {
-    let model = ModelConfig::preset(preset);
-    let layout = Layout::new(&model);
-    let path = dir.join(format!("{preset}.h5"));
-    let meta = CheckpointMeta {
-        stage: Stage::Mevp,
-        step: 1,
-        epoch: 1,
-        best_val_loss: None,
-        stale_epochs: 0,
-        model,
-        run: RunConfig {
-            preset,
-            ..RunConfig::default()
-        },
-        corpus_checksum: "0".repeat(64),
-    };
-    Checkpoint::write(
-        &path,
-        &layout,
-        &init::init_params(&layout, 1),
-        None,
-        None,
-        &meta,
-    )
-    .unwrap();
-    path
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -85,7 +56,7 @@ fn s(p: &Path) -> &str {
 fn a_run_writes_metrics_predictions_and_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let c = corpus(tmp.path(), "c.h5", false);
-    let ck = checkpoint(tmp.path(), Preset::Tiny);
+    let ck = common::pretraining_checkpoint(tmp.path(), Preset::Tiny);
     let out = tmp.path().join("diag");
     let text = ok(&mtx(&[
         "finetune",
@@ -169,8 +140,8 @@ fn a_run_writes_metrics_predictions_and_a_checkpoint() {
 fn bad_input_is_refused_before_anything_is_written() {
     let tmp = tempfile::tempdir().unwrap();
     let c = corpus(tmp.path(), "c.h5", false);
-    let ck = checkpoint(tmp.path(), Preset::Tiny);
-    let small = checkpoint(tmp.path(), Preset::Small);
+    let ck = common::pretraining_checkpoint(tmp.path(), Preset::Tiny);
+    let small = common::pretraining_checkpoint(tmp.path(), Preset::Small);
     let grid = tmp.path().join("grid.txt");
     std::fs::write(&grid, "age 0 1 scratch 0\n").unwrap();
     let out = tmp.path().join("out");
@@ -271,7 +242,7 @@ fn bad_input_is_refused_before_anything_is_written() {
 fn embed_writes_vectors_of_every_subject() {
     let tmp = tempfile::tempdir().unwrap();
     let c = corpus(tmp.path(), "c.h5", false);
-    let ck = checkpoint(tmp.path(), Preset::Tiny);
+    let ck = common::pretraining_checkpoint(tmp.path(), Preset::Tiny);
     let e = tmp.path().join("e.h5");
     ok(&mtx(&[
         "embed",

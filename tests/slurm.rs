@@ -449,38 +449,6 @@ fn signalled_and_resumed(slurm: &Slurm, work: &Work) {
     }
 }
 
-/// Writes a tiny-preset pretraining checkpoint (initial parameters) for fine-tuning.
-fn tiny_checkpoint(dir: &Path) -> PathBuf {
-    use mtx_hpc::model::{ModelConfig, Preset, init};
-    use mtx_hpc::train::{CheckpointMeta, RunConfig, Stage};
-    let model = ModelConfig::preset(Preset::Tiny);
-    let layout = Layout::new(&model);
-    let path = dir.join("pretrained.h5");
-    let meta = CheckpointMeta {
-        stage: Stage::Mevp,
-        step: 1,
-        epoch: 1,
-        best_val_loss: None,
-        stale_epochs: 0,
-        model,
-        run: RunConfig {
-            preset: Preset::Tiny,
-            ..RunConfig::default()
-        },
-        corpus_checksum: "0".repeat(64),
-    };
-    Checkpoint::write(
-        &path,
-        &layout,
-        &init::init_params(&layout, 1),
-        None,
-        None,
-        &meta,
-    )
-    .expect("write the checkpoint");
-    path
-}
-
 /// Waits until no task of array job `id` is left in the queue.
 fn wait_array(slurm: &Slurm, id: &str) {
     let t0 = Instant::now();
@@ -525,7 +493,7 @@ fn eval_array(slurm: &Slurm, work: &Work) {
         .expect("push subject");
     }
     w.finish().expect("finish corpus");
-    let ckpt = tiny_checkpoint(&dir);
+    let ckpt = common::pretraining_checkpoint(&dir, mtx_hpc::model::Preset::Tiny);
     let grid = dir.join("grid.txt");
     std::fs::write(
         &grid,

@@ -217,3 +217,36 @@ pub fn blob_volumes(grid: [usize; 3], b: usize, seed: u64) -> Vec<f32> {
     }
     out
 }
+
+/// A pretraining checkpoint of `preset` holding its initial parameters (seed 1), written as
+/// `DIR/<preset>.h5`: what fine-tuning tests start from.
+pub fn pretraining_checkpoint(dir: &Path, preset: mtx_hpc::model::Preset) -> PathBuf {
+    use mtx_hpc::model::{Layout, ModelConfig, init};
+    use mtx_hpc::train::{Checkpoint, CheckpointMeta, RunConfig, Stage};
+    let model = ModelConfig::preset(preset);
+    let layout = Layout::new(&model);
+    let path = dir.join(format!("{preset}.h5"));
+    let meta = CheckpointMeta {
+        stage: Stage::Mevp,
+        step: 1,
+        epoch: 1,
+        best_val_loss: None,
+        stale_epochs: 0,
+        model,
+        run: RunConfig {
+            preset,
+            ..RunConfig::default()
+        },
+        corpus_checksum: "0".repeat(64),
+    };
+    Checkpoint::write(
+        &path,
+        &layout,
+        &init::init_params(&layout, 1),
+        None,
+        None,
+        &meta,
+    )
+    .unwrap();
+    path
+}
