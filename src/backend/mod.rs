@@ -115,6 +115,12 @@ pub struct DiceCe {
     pub hw: usize,
     /// Smoothing of the soft Dice, in pixels: `(2 I + eps) / (P + G + eps)`.
     pub eps: f64,
+    /// The regions whose soft Dice the loss averages, each a set of classes as a bit mask
+    /// (bit `c` for class `c`): a region's probability is the sum of its classes'
+    /// probabilities, its ground truth the pixels labelled with one of them. One region per
+    /// tumour class (`[1 << 1, 1 << 2, ...]`) gives the per-class Dice; nested regions (BraTS's
+    /// whole tumour, core, enhancing) give region-based training.
+    pub regions: &'static [u32],
     /// Cross-entropy weight of a pixel whose label is a tumour class (class >= 1); background
     /// pixels weigh 1. The weighted sum is still divided by the number of pixels. 1 gives the
     /// unweighted loss.

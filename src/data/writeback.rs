@@ -17,8 +17,9 @@ pub const BRATS_CODES: [u8; 4] = [0, 1, 2, 4];
 /// The most classes a class index (u8) can name.
 const MAX_CLASSES: usize = 256;
 
-/// Resamples per-class probability maps from the grid onto the source grid and takes the most
-/// probable class of each source voxel.
+/// Resamples per-class probability maps from the grid onto the source grid and decides each
+/// source voxel's class from its interpolated probabilities with `decide` ([`argmax`], the
+/// most probable class, or a task's own rule such as the segmentation's nested regions).
 ///
 /// - `probs`: `[classes, X, Y, Z]` in C order (z fastest), `grid = [X, Y, Z]`, the corpus
 ///   layout; the values need not sum to 1 but must be finite.
@@ -41,6 +42,7 @@ pub fn probs_to_source(
     grid: [usize; 3],
     grid_to_source: &Mat4,
     source_shape: [usize; 3],
+    decide: impl Fn(&[f32]) -> u8 + Sync,
 ) -> Result<Vec<u8>> {
     ensure!(
         (1..=MAX_CLASSES).contains(&classes),
@@ -80,7 +82,7 @@ pub fn probs_to_source(
                     for (c, sum) in sums.iter_mut().enumerate() {
                         *sum = corners.interpolate(&probs[c * per_class..][..per_class]);
                     }
-                    *class = argmax(&sums);
+                    *class = decide(&sums);
                 }
             }
         });
@@ -127,7 +129,14 @@ pub fn labels_to_source(
             .ok_or_else(|| anyhow!("grid label {l} is not among the codes {codes:?}"))?;
         one_hot[class * n + idx] = 1.0;
     }
-    let classes = probs_to_source(&one_hot, codes.len(), grid, grid_to_source, source_shape)?;
+    let classes = probs_to_source(
+        &one_hot,
+        codes.len(),
+        grid,
+        grid_to_source,
+        source_shape,
+        argmax,
+    )?;
     Ok(classes.into_iter().map(|c| codes[usize::from(c)]).collect())
 }
 
@@ -239,7 +248,7 @@ impl Corners {
 }
 
 /// Index of the largest value; the first of equal values.
-fn argmax(values: &[f32]) -> u8 {
+pub fn argmax(values: &[f32]) -> u8 {
     let mut best = 0;
     for (c, &v) in values.iter().enumerate() {
         if v > values[best] {
@@ -372,7 +381,7 @@ mod tests {
             1.0 / 3.0,
             0.5, // class 2
         ];
-        let back = probs_to_source(&probs, 3, grid, &IDENTITY, grid).expect("back");
+        let back = probs_to_source(&probs, 3, grid, &IDENTITY, grid, argmax).expect("back");
         assert_eq!(back, vec![0, 1]);
         // Halfway between a label-4 voxel and a label-1 voxel: the code listed first wins.
         let mut m = IDENTITY;
@@ -392,7 +401,7 @@ mod tests {
         let mut m = IDENTITY;
         m[2][2] = 2.0;
         // Source k is at grid z = k / 2, where the ramp is 0, 0.1, 0.2, 0.4, 0.6, 0.8, 1.
-        let back = probs_to_source(&probs, 2, grid, &m, [1, 1, 7]).expect("back");
+        let back = probs_to_source(&probs, 2, grid, &m, [1, 1, 7], argmax).expect("back");
         assert_eq!(back, vec![0, 0, 0, 0, 1, 1, 1]);
     }
 
@@ -400,13 +409,13 @@ mod tests {
     fn bad_inputs_are_errors() {
         let grid = [2, 2, 2];
         let probs = vec![0.5f32; 16];
-        assert!(probs_to_source(&probs, 3, grid, &IDENTITY, grid).is_err());
+        assert!(probs_to_source(&probs, 3, grid, &IDENTITY, grid, argmax).is_err());
         let mut nan = probs.clone();
         nan[3] = f32::NAN;
-        assert!(probs_to_source(&nan, 2, grid, &IDENTITY, grid).is_err());
+        assert!(probs_to_source(&nan, 2, grid, &IDENTITY, grid, argmax).is_err());
         let mut singular = IDENTITY;
         singular[1][1] = 0.0;
-        assert!(probs_to_source(&probs, 2, grid, &singular, grid).is_err());
+        assert!(probs_to_source(&probs, 2, grid, &singular, grid, argmax).is_err());
         let labels = [0u8, 1, 2, 4, 3, 0, 0, 0];
         let err = labels_to_source(&labels, grid, &IDENTITY, grid, &BRATS_CODES).unwrap_err();
         assert!(err.to_string().contains("grid label 3"), "{err}");

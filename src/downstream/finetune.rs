@@ -1078,7 +1078,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
                 .with_context(|| format!("{}: cannot create", masks.display()))?;
             for (s, probs) in test.iter().zip(&test_out.probs) {
                 corpus.read_labels(s.index, &mut truth)?;
-                let pred = argmax_codes(probs, truth.len());
+                let pred = codes_of_probs(probs, truth.len());
                 let g = &corpus.subjects()[s.index].geometry;
                 let on_source = writeback::probs_to_source(
                     probs,
@@ -1086,6 +1086,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
                     cfg.grid,
                     &g.grid_to_source,
                     g.source_shape,
+                    decoder::class_of_probs,
                 )?;
                 let codes: Vec<u8> = on_source
                     .iter()
@@ -1229,18 +1230,16 @@ fn mean_of(x: &[f64]) -> metrics::Metric {
     }
 }
 
-/// The BraTS code of the most probable class at each voxel of `probs [CLASSES, voxels]` (ties
-/// to the lower class).
-pub(crate) fn argmax_codes(probs: &[f32], voxels: usize) -> Vec<u8> {
+/// The label codes of a probability map `[CLASSES, voxels]`, voxel by voxel with
+/// [`decoder::class_of_probs`].
+pub(crate) fn codes_of_probs(probs: &[f32], voxels: usize) -> Vec<u8> {
+    let mut p = [0.0f32; decoder::CLASSES];
     (0..voxels)
         .map(|v| {
-            let mut best = 0;
-            for c in 1..decoder::CLASSES {
-                if probs[c * voxels + v] > probs[best * voxels + v] {
-                    best = c;
-                }
+            for (c, p) in p.iter_mut().enumerate() {
+                *p = probs[c * voxels + v];
             }
-            decoder::CODES[best]
+            decoder::CODES[usize::from(decoder::class_of_probs(&p))]
         })
         .collect()
 }

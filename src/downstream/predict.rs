@@ -10,6 +10,7 @@ use crate::data::corpus::Corpus;
 use crate::data::manifest;
 use crate::data::writeback;
 use crate::io::AtomicFile;
+use crate::model::decoder;
 use crate::model::objective::Net;
 use crate::model::task;
 use crate::model::{Layout, ModelConfig, Plane};
@@ -262,6 +263,7 @@ fn predict<B: Backend>(be: &B, args: &PredictArgs, ft: &Finetuned, list: &[Input
                     ft.cfg.grid,
                     &g.grid_to_source,
                     g.source_shape,
+                    decoder::class_of_probs,
                 )?;
                 let codes: Vec<u8> = mask
                     .iter()

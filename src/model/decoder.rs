@@ -56,6 +56,39 @@ pub const CLASSES: usize = CODES.len();
 /// pushes that class's probabilities down instead of ignoring them.
 pub const DICE_EPS: f64 = 1.0;
 
+/// The regions the loss's soft Dice averages and the evaluation reports, as class bit masks
+/// ([`crate::backend::DiceCe::regions`]): whole tumour (classes 1, 2, 3 = codes 1, 2, 4),
+/// tumour core (codes 1, 4) and enhancing tumour (code 4). Training on the nested regions
+/// rather than on each class scores a tumour voxel given the wrong tumour class as a
+/// whole-tumour hit, which is what the whole-tumour Dice counts.
+pub const REGIONS: &[u32] = &[0b1110, 0b1010, 0b1000];
+
+/// The class of a voxel from its class probabilities, region by region as they nest: tumour
+/// when the whole tumour's probability (1 - background) exceeds one half, then core when the
+/// core's does, then enhancing when the enhancing tumour's does; oedema and necrotic core are
+/// the tumour and core voxels that go no deeper. An arg-max over the four classes would call
+/// a voxel background at probabilities (0.4, 0.05, 0.3, 0.25), although it is tumour with
+/// probability 0.6.
+pub fn class_of_probs(p: &[f32]) -> u8 {
+    assert_eq!(p.len(), CLASSES, "class probabilities");
+    let region = |mask: u32| -> f32 {
+        (0..CLASSES)
+            .filter(|&c| mask >> c & 1 == 1)
+            .map(|c| p[c])
+            .sum()
+    };
+    let [whole, core, enhancing] = [REGIONS[0], REGIONS[1], REGIONS[2]].map(region);
+    if whole <= 0.5 {
+        0
+    } else if core <= 0.5 {
+        2
+    } else if enhancing <= 0.5 {
+        1
+    } else {
+        3
+    }
+}
+
 /// The class index of a label code.
 pub fn class_of_code(code: u8) -> Option<usize> {
     CODES.iter().position(|&c| c == code)
@@ -711,7 +744,7 @@ pub fn backward<B: Backend>(
 /// The segmentation loss of logits `[n_subjects * n, CLASSES, h, w]` (each subject's `n`
 /// slices of one plane) against class indices `labels [n_subjects * n, h, w]`: per subject,
 /// the pixel mean of the softmax cross-entropy plus `1 -` the mean soft Dice of the three
-/// tumour classes ([`DICE_EPS`]), averaged over the subjects; and its gradient. Pixels of the
+/// nested tumour regions ([`REGIONS`], [`DICE_EPS`]), averaged over the subjects; and its gradient. Pixels of the
 /// tumour classes weigh `fg_weight` in the cross-entropy (background 1). It runs as
 /// [`Backend::dice_ce`], whose default computes on the host (the logits downloaded, the
 /// gradient uploaded); a backend may replace it with a kernel.
@@ -732,6 +765,7 @@ pub fn dice_ce<B: Backend>(
         hw: h * w,
         eps: DICE_EPS,
         fg_weight,
+        regions: REGIONS,
     };
     let mut dlogits = be.zeros(s.len());
     let loss = be.dice_ce(&s, all(be, logits), labels, all_mut(be, &mut dlogits));
@@ -1165,5 +1199,26 @@ mod tests {
         assert_eq!(classes_of_codes(&[0, 4, 2, 1]).unwrap(), [0, 3, 2, 1]);
         let e = classes_of_codes(&[0, 3]).unwrap_err().to_string();
         assert!(e.contains("label code 3"), "{e}");
+    }
+
+    #[test]
+    fn classes_follow_the_nested_regions() {
+        // Background wins the arg-max, but the tumour's probability is 0.6: oedema.
+        assert_eq!(class_of_probs(&[0.4, 0.05, 0.3, 0.25]), 2);
+        assert_eq!(class_of_probs(&[0.5, 0.2, 0.1, 0.2]), 0);
+        // Core (1 + 4) above one half, enhancing not: necrotic core.
+        assert_eq!(class_of_probs(&[0.1, 0.3, 0.3, 0.3]), 1);
+        assert_eq!(class_of_probs(&[0.1, 0.0, 0.3, 0.6]), 3);
+        // Every class that wins outright keeps its own label.
+        for c in 0..CLASSES {
+            let mut p = [0.0; CLASSES];
+            p[c] = 1.0;
+            assert_eq!(usize::from(class_of_probs(&p)), c);
+        }
+        assert_eq!(
+            REGIONS[0].count_ones(),
+            3,
+            "the whole tumour is every tumour class"
+        );
     }
 }

@@ -116,19 +116,22 @@ pub fn dice_ce<T: Real>(s: &DiceCe, logits: &[T], labels: &[u8], dlogits: &mut [
     losses.iter().sum::<f64>() / s.subjects as f64
 }
 
-/// One subject: returns `CE + 1 - mean Dice` and writes its gradient divided by the number
-/// of subjects (the batch mean). `dz` first holds the softmax probabilities.
+/// One subject: returns `CE + 1 - mean Dice` (the Dice averaged over [`DiceCe::regions`])
+/// and writes its gradient divided by the number of subjects (the batch mean). `dz` first
+/// holds the softmax probabilities.
 fn dice_ce_subject<T: Real>(s: &DiceCe, z: &[T], y: &[u8], dz: &mut [T]) -> f64 {
     let (classes, hw) = (s.classes, s.hw);
     let at = |k: usize, c: usize, q: usize| (k * classes + c) * hw + q;
     let f = |v: T| v.to_f64().unwrap_or(f64::NAN);
     let t = |v: f64| T::from_f64(v).unwrap_or_else(T::nan);
-    // Pass 1: probabilities, cross-entropy and the Dice sums.
+    let regions = s.regions.len();
+    let member = |r: usize, c: usize| s.regions[r] >> c & 1 == 1;
+    // Pass 1: probabilities, cross-entropy and each region's Dice sums.
     let (mut ce, mut inter, mut psum, mut gsum) = (
         0.0,
-        vec![0.0; classes],
-        vec![0.0; classes],
-        vec![0.0; classes],
+        vec![0.0; regions],
+        vec![0.0; regions],
+        vec![0.0; regions],
     );
     let mut e = vec![0.0; classes];
     for k in 0..s.slices {
@@ -147,26 +150,32 @@ fn dice_ce_subject<T: Real>(s: &DiceCe, z: &[T], y: &[u8], dz: &mut [T]) -> f64 
             let weight = if label == 0 { 1.0 } else { s.fg_weight };
             ce += weight * (max + sum.ln() - f(z[at(k, label, q)]));
             for c in 0..classes {
-                let p = e[c] / sum;
-                psum[c] += p;
-                dz[at(k, c, q)] = t(p);
+                e[c] /= sum;
+                dz[at(k, c, q)] = t(e[c]);
             }
-            inter[label] += e[label] / sum;
-            gsum[label] += 1.0;
+            for r in 0..regions {
+                let p: f64 = (0..classes).filter(|&c| member(r, c)).map(|c| e[c]).sum();
+                psum[r] += p;
+                if member(r, label) {
+                    inter[r] += p;
+                    gsum[r] += 1.0;
+                }
+            }
         }
     }
     let pixels = (s.slices * hw) as f64;
-    let dice_classes = (classes - 1) as f64;
-    // dLoss/dp_c = alpha_c [c = label] + beta_c for c >= 1, 0 for the background, with
-    // U = P + G + eps: d(1 - mean Dice)/dp = -(2 g / U - (2 I + eps) / U^2) / (classes - 1).
-    let (mut alpha, mut beta) = (vec![0.0; classes], vec![0.0; classes]);
+    let n_regions = regions.max(1) as f64;
+    // dLoss/dp_R = alpha_R [label in R] + beta_R for region R, with U = P + G + eps:
+    // d(1 - mean Dice)/dp_R = -(2 g / U - (2 I + eps) / U^2) / regions; a class's
+    // probability feeds every region that holds it, dLoss/dp_c = sum over those regions.
+    let (mut alpha, mut beta) = (vec![0.0; regions], vec![0.0; regions]);
     let mut dice = 0.0;
-    for c in 1..classes {
-        let u = psum[c] + gsum[c] + s.eps;
-        let num = 2.0 * inter[c] + s.eps;
-        dice += num / u / dice_classes;
-        alpha[c] = -2.0 / (u * dice_classes);
-        beta[c] = num / (u * u * dice_classes);
+    for r in 0..regions {
+        let u = psum[r] + gsum[r] + s.eps;
+        let num = 2.0 * inter[r] + s.eps;
+        dice += num / u / n_regions;
+        alpha[r] = -2.0 / (u * n_regions);
+        beta[r] = num / (u * u * n_regions);
     }
     // Pass 2: through the softmax, dz_c = p_c (a_c - sum_c' p_c' a_c') for the Dice part,
     // w_label (p_c - [c = label]) / pixels for the cross-entropy; both over the batch's
@@ -179,7 +188,10 @@ fn dice_ce_subject<T: Real>(s: &DiceCe, z: &[T], y: &[u8], dz: &mut [T]) -> f64 
             let weight = if label == 0 { 1.0 } else { s.fg_weight };
             let mut mean = 0.0;
             for c in 0..classes {
-                a[c] = beta[c] + if c == label { alpha[c] } else { 0.0 };
+                a[c] = (0..regions)
+                    .filter(|&r| member(r, c))
+                    .map(|r| beta[r] + if member(r, label) { alpha[r] } else { 0.0 })
+                    .sum();
                 mean += f(dz[at(k, c, q)]) * a[c];
             }
             for c in 0..classes {
@@ -324,6 +336,7 @@ mod tests {
             hw: 12,
             eps: 1.0,
             fg_weight: 1.0,
+            regions: &[1 << 1, 1 << 2, 1 << 3],
         };
         let logits: Vec<f64> = random(s.len(), 21).iter().map(|v| 3.0 * v).collect();
         let labels: Vec<u8> = (0..s.subjects * s.slices * s.hw)
@@ -338,9 +351,12 @@ mod tests {
 
     /// The loss written out directly from its definition.
     fn dice_ce_direct(s: &DiceCe, z: &[f64], y: &[u8]) -> f64 {
+        let regions = s.regions.len();
         let mut total = 0.0;
         for b in 0..s.subjects {
-            let (mut ce, mut inter, mut psum, mut gsum) = (0.0, [0.0; 4], [0.0; 4], [0.0; 4]);
+            let mut ce = 0.0;
+            let (mut inter, mut psum, mut gsum) =
+                (vec![0.0; regions], vec![0.0; regions], vec![0.0; regions]);
             for k in 0..s.slices {
                 for q in 0..s.hw {
                     let row = b * s.slices + k;
@@ -349,24 +365,68 @@ mod tests {
                     let label = y[row * s.hw + q] as usize;
                     let w = if label == 0 { 1.0 } else { s.fg_weight };
                     ce -= w * (zs[label].exp() / norm).ln();
-                    for c in 0..4 {
-                        let p = zs[c].exp() / norm;
-                        psum[c] += p;
-                        if c == label {
-                            inter[c] += p;
-                            gsum[c] += 1.0;
+                    for (r, &mask) in s.regions.iter().enumerate() {
+                        let p: f64 = (0..4)
+                            .filter(|&c| mask >> c & 1 == 1)
+                            .map(|c| zs[c].exp() / norm)
+                            .sum();
+                        psum[r] += p;
+                        if mask >> label & 1 == 1 {
+                            inter[r] += p;
+                            gsum[r] += 1.0;
                         }
                     }
                 }
             }
             let n = (s.slices * s.hw) as f64;
-            let dice: f64 = (1..4)
-                .map(|c| (2.0 * inter[c] + s.eps) / (psum[c] + gsum[c] + s.eps))
+            let dice: f64 = (0..regions)
+                .map(|r| (2.0 * inter[r] + s.eps) / (psum[r] + gsum[r] + s.eps))
                 .sum::<f64>()
-                / 3.0;
+                / regions as f64;
             total += ce / n + 1.0 - dice;
         }
         total / s.subjects as f64
+    }
+
+    /// BraTS's nested regions over the classes {background, 1, 2, 4}: whole tumour, tumour
+    /// core, enhancing tumour.
+    const NESTED: &[u32] = &[0b1110, 0b1010, 0b1000];
+
+    #[test]
+    fn dice_ce_nested_regions_value_and_gradient() {
+        let (mut s, mut logits, labels) = dice_inputs();
+        s.regions = NESTED;
+        s.fg_weight = 3.0;
+        let mut grad = vec![f64::NAN; s.len()];
+        let loss = dice_ce(&s, &logits, &labels, &mut grad);
+        let want = dice_ce_direct(&s, &logits, &labels);
+        assert!((loss - want).abs() < 1e-13, "{loss} vs {want}");
+        let mut scratch = vec![0.0; s.len()];
+        check(
+            "nested dice_ce dlogits",
+            &mut logits,
+            &grad,
+            1000,
+            1e-8,
+            |z| dice_ce(&s, z, &labels, &mut scratch),
+        );
+        // Region-based and per-class losses differ where the tumour classes are confused:
+        // a pixel of class 2 predicted as class 1 is a whole-tumour hit, a per-class miss.
+        let per_class = DiceCe {
+            regions: &[1 << 1, 1 << 2, 1 << 3],
+            ..s
+        };
+        let confused: Vec<f64> = (0..s.len())
+            .map(|i| {
+                let (row, c, q) = (i / (4 * s.hw), i / s.hw % 4, i % s.hw);
+                let label = usize::from(labels[row * s.hw + q]);
+                let predicted = if label == 2 { 1 } else { label };
+                if c == predicted { 8.0 } else { 0.0 }
+            })
+            .collect();
+        let whole = dice_ce(&s, &confused, &labels, &mut scratch);
+        let split = dice_ce(&per_class, &confused, &labels, &mut scratch);
+        assert!(whole < split, "region-based {whole} vs per-class {split}");
     }
 
     #[test]
