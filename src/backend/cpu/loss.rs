@@ -388,6 +388,30 @@ mod tests {
         total / s.subjects as f64
     }
 
+    /// Checks `dice_ce` of `s` against [`dice_ce_direct`] and its gradient by finite
+    /// differences; returns the loss and a gradient buffer to reuse.
+    fn value_and_gradient(
+        what: &str,
+        s: &DiceCe,
+        logits: &mut [f64],
+        labels: &[u8],
+    ) -> (f64, Vec<f64>) {
+        let mut grad = vec![f64::NAN; s.len()];
+        let loss = dice_ce(s, logits, labels, &mut grad);
+        let want = dice_ce_direct(s, logits, labels);
+        assert!((loss - want).abs() < 1e-13, "{what}: {loss} vs {want}");
+        let mut scratch = vec![0.0; s.len()];
+        check(
+            &format!("{what} dice_ce dlogits"),
+            logits,
+            &grad,
+            1000,
+            1e-8,
+            |z| dice_ce(s, z, labels, &mut scratch),
+        );
+        (loss, scratch)
+    }
+
     /// BraTS's nested regions over the classes {background, 1, 2, 4}: whole tumour, tumour
     /// core, enhancing tumour.
     const NESTED: &[u32] = &[0b1110, 0b1010, 0b1000];
@@ -397,19 +421,7 @@ mod tests {
         let (mut s, mut logits, labels) = dice_inputs();
         s.regions = NESTED;
         s.fg_weight = 3.0;
-        let mut grad = vec![f64::NAN; s.len()];
-        let loss = dice_ce(&s, &logits, &labels, &mut grad);
-        let want = dice_ce_direct(&s, &logits, &labels);
-        assert!((loss - want).abs() < 1e-13, "{loss} vs {want}");
-        let mut scratch = vec![0.0; s.len()];
-        check(
-            "nested dice_ce dlogits",
-            &mut logits,
-            &grad,
-            1000,
-            1e-8,
-            |z| dice_ce(&s, z, &labels, &mut scratch),
-        );
+        let (_, mut scratch) = value_and_gradient("nested", &s, &mut logits, &labels);
         // Region-based and per-class losses differ where the tumour classes are confused:
         // a pixel of class 2 predicted as class 1 is a whole-tumour hit, a per-class miss.
         let per_class = DiceCe {
@@ -462,19 +474,7 @@ mod tests {
     fn dice_ce_weighted_value_and_gradient() {
         let (mut s, mut logits, labels) = dice_inputs();
         s.fg_weight = 7.5;
-        let mut grad = vec![f64::NAN; s.len()];
-        let loss = dice_ce(&s, &logits, &labels, &mut grad);
-        let want = dice_ce_direct(&s, &logits, &labels);
-        assert!((loss - want).abs() < 1e-13, "{loss} vs {want}");
-        let mut scratch = vec![0.0; s.len()];
-        check(
-            "weighted dice_ce dlogits",
-            &mut logits,
-            &grad,
-            1000,
-            1e-8,
-            |z| dice_ce(&s, z, &labels, &mut scratch),
-        );
+        let (loss, mut scratch) = value_and_gradient("weighted", &s, &mut logits, &labels);
         // The weight raises the loss where tumour pixels are poorly predicted.
         let unweighted = DiceCe {
             fg_weight: 1.0,
