@@ -13,7 +13,7 @@ use super::{Init, Task};
 use crate::backend::Backend;
 use crate::backend::device::DeviceRequest;
 use crate::data::corpus::Corpus;
-use crate::data::preprocess::PackParams;
+use crate::data::preprocess::{PackGeometry, PackParams};
 use crate::data::writeback;
 use crate::io::file_checksum;
 use crate::model::augment::Curve;
@@ -1080,29 +1080,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
                 corpus.read_labels(s.index, &mut truth)?;
                 let pred = codes_of_probs(probs, truth.len());
                 let g = &corpus.subjects()[s.index].geometry;
-                let on_source = writeback::probs_to_source(
-                    probs,
-                    decoder::CLASSES,
-                    cfg.grid,
-                    &g.grid_to_source,
-                    g.source_shape,
-                    decoder::class_of_probs,
-                )?;
-                let codes: Vec<u8> = on_source
-                    .iter()
-                    .map(|&c| decoder::CODES[usize::from(c)])
-                    .collect();
-                let name = if s.session.is_empty() {
-                    format!("{}_seg.nii.gz", s.subject)
-                } else {
-                    format!("{}_{}_seg.nii.gz", s.subject, s.session)
-                };
-                writeback::write_label_nifti(
-                    &masks.join(name),
-                    &codes,
-                    g.source_shape,
-                    &g.source_affine,
-                )?;
+                write_mask(&masks, &s.subject, &s.session, probs, cfg.grid, g)?;
                 let mut dice = Vec::new();
                 for (r, region) in Region::ALL.into_iter().enumerate() {
                     let d = metrics::dice(&pred, &truth, region);
@@ -1228,6 +1206,39 @@ fn mean_of(x: &[f64]) -> metrics::Metric {
     } else {
         Ok(x.iter().sum::<f64>() / x.len() as f64)
     }
+}
+
+/// Writes the mask of a subject's class probabilities `[CLASSES, X, Y, Z]` on the corpus
+/// grid as `DIR/<id>[_<session>]_seg.nii.gz` on its source grid and affine (each class
+/// map interpolated at the source voxel, then [`decoder::class_of_probs`]); returns the
+/// file name and the codes written (NIfTI order).
+pub(crate) fn write_mask(
+    dir: &Path,
+    id: &str,
+    session: &str,
+    probs: &[f32],
+    grid: [usize; 3],
+    g: &PackGeometry,
+) -> Result<(String, Vec<u8>)> {
+    let classes = writeback::probs_to_source(
+        probs,
+        decoder::CLASSES,
+        grid,
+        &g.grid_to_source,
+        g.source_shape,
+        decoder::class_of_probs,
+    )?;
+    let codes: Vec<u8> = classes
+        .iter()
+        .map(|&c| decoder::CODES[usize::from(c)])
+        .collect();
+    let name = if session.is_empty() {
+        format!("{id}_seg.nii.gz")
+    } else {
+        format!("{id}_{session}_seg.nii.gz")
+    };
+    writeback::write_label_nifti(&dir.join(&name), &codes, g.source_shape, &g.source_affine)?;
+    Ok((name, codes))
 }
 
 /// The label codes of a probability map `[CLASSES, voxels]`, voxel by voxel with

@@ -3,14 +3,13 @@
 //! embed` (the slice vectors and pooled vector of every subject of a corpus, for analysis
 //! elsewhere).
 use super::Task;
-use super::finetune::{FINETUNED, Model, TaskRecord};
+use super::finetune::{FINETUNED, Model, TaskRecord, write_mask};
 use crate::backend::Backend;
 use crate::backend::device::DeviceRequest;
 use crate::data::corpus::Corpus;
 use crate::data::manifest;
 use crate::data::writeback;
 use crate::io::AtomicFile;
-use crate::model::decoder;
 use crate::model::objective::Net;
 use crate::model::task;
 use crate::model::{Layout, ModelConfig, Plane};
@@ -256,26 +255,14 @@ fn predict<B: Backend>(be: &B, args: &PredictArgs, ft: &Finetuned, list: &[Input
                 }
             }
             Task::Segmentation => {
-                let g = &prepared.geometry;
-                let mask = writeback::probs_to_source(
+                let (name, codes) = write_mask(
+                    &args.out,
+                    &inp.id,
+                    &inp.session,
                     &out.probs[0],
-                    writeback::BRATS_CODES.len(),
                     ft.cfg.grid,
-                    &g.grid_to_source,
-                    g.source_shape,
-                    decoder::class_of_probs,
+                    &prepared.geometry,
                 )?;
-                let codes: Vec<u8> = mask
-                    .iter()
-                    .map(|&c| writeback::BRATS_CODES[usize::from(c)])
-                    .collect();
-                let name = if inp.session.is_empty() {
-                    format!("{}_seg.nii.gz", inp.id)
-                } else {
-                    format!("{}_{}_seg.nii.gz", inp.id, inp.session)
-                };
-                let path = args.out.join(&name);
-                writeback::write_label_nifti(&path, &codes, g.source_shape, &g.source_affine)?;
                 let count = |c: u8| codes.iter().filter(|&&x| x == c).count();
                 format!(
                     "{},{},{image},{name},{},{},{}",
