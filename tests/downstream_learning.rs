@@ -13,7 +13,7 @@
 //! cores in the dev profile, the ignored segmentation test not counted).
 mod common;
 
-use common::mtx;
+use common::{mtx, synth_and_pack_tiny};
 use std::path::{Path, PathBuf};
 
 fn ok(out: &std::process::Output) -> String {
@@ -33,32 +33,23 @@ fn s(p: &Path) -> &str {
 /// `synth --cohort clinical` of `subjects` with `tumours` of them tumour-bearing (a fraction),
 /// packed at the tiny grid.
 fn cohort(dir: &Path, subjects: usize, tumours: f64, seed: u64) -> PathBuf {
-    let synth = dir.join("synth");
-    ok(&mtx(&[
-        "synth",
-        "--cohort",
-        "clinical",
-        "--subjects",
-        &subjects.to_string(),
-        "--tumour-fraction",
-        &tumours.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--out",
-        s(&synth),
-    ]));
-    let c = dir.join("clinical.h5");
-    ok(&mtx(&[
-        "pack",
-        "--manifest",
-        s(&synth.join("manifest.csv")),
-        "--out",
-        s(&c),
-        "--grid",
-        "32,38,32",
-        "--spacing",
-        "6",
-    ]));
+    let (synth, c) = (dir.join("synth"), dir.join("clinical.h5"));
+    let (n, t, seed) = (subjects.to_string(), tumours.to_string(), seed.to_string());
+    synth_and_pack_tiny(
+        &synth,
+        &c,
+        &[
+            "--cohort",
+            "clinical",
+            "--subjects",
+            &n,
+            "--tumour-fraction",
+            &t,
+            "--seed",
+            &seed,
+        ],
+        &[],
+    );
     std::fs::remove_dir_all(&synth).unwrap();
     c
 }

@@ -3,7 +3,7 @@
 //! `predict` on a new NIfTI giving the answer the evaluation gave for that subject.
 mod common;
 
-use common::mtx;
+use common::{mtx, synth_and_pack_tiny};
 use mtx_hpc::data::corpus::{CorpusWriter, SubjectMeta};
 use mtx_hpc::downstream::report::MetricsFile;
 use mtx_hpc::io::AtomicFile;
@@ -277,29 +277,13 @@ fn embed_writes_vectors_of_every_subject() {
 fn predict_on_a_new_scan_matches_the_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
     let synth = tmp.path().join("synth");
-    ok(&mtx(&[
-        "synth",
-        "--cohort",
-        "clinical",
-        "--subjects",
-        "8",
-        "--seed",
-        "5",
-        "--out",
-        s(&synth),
-    ]));
     let c = tmp.path().join("c.h5");
-    ok(&mtx(&[
-        "pack",
-        "--manifest",
-        s(&synth.join("manifest.csv")),
-        "--out",
-        s(&c),
-        "--grid",
-        "32,38,32",
-        "--spacing",
-        "6",
-    ]));
+    synth_and_pack_tiny(
+        &synth,
+        &c,
+        &["--cohort", "clinical", "--subjects", "8", "--seed", "5"],
+        &[],
+    );
     let out = tmp.path().join("age");
     ok(&mtx(&[
         "finetune",

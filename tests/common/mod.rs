@@ -150,30 +150,25 @@ pub fn h5_open(path: &Path, write: bool) -> hdf5::File {
     if write { b.open_rw(path) } else { b.open(path) }.expect("open HDF5 file")
 }
 
-/// Synthesises `subjects` healthy subjects in `dir/h` and packs them at the tiny preset's grid
-/// (32x38x32, 6 mm, 20 % validation) into `dir/tiny.h5`, through the binary.
-pub fn tiny_corpus(dir: &Path, subjects: usize, seed: u64) -> PathBuf {
-    let synth = dir.join("h");
-    let (n, s) = (subjects.to_string(), seed.to_string());
-    let out = mtx(&[
-        "synth",
-        "--cohort",
-        "healthy",
-        "--subjects",
-        &n,
-        "--seed",
-        &s,
-        "--out",
-        synth.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let corpus = dir.join("tiny.h5");
+/// `mtx-hpc synth <synth_args> --out SYNTH`, then `pack` of its manifest at the tiny preset's
+/// grid (32x38x32, 6 mm) into `corpus` with `pack_args`, through the binary; panics with the
+/// tool's output when either fails.
+pub fn synth_and_pack_tiny(synth: &Path, corpus: &Path, synth_args: &[&str], pack_args: &[&str]) {
+    let run = |args: Vec<&str>| {
+        let out = mtx(&args);
+        assert!(
+            out.status.success(),
+            "mtx-hpc {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mut args = vec!["synth"];
+    args.extend_from_slice(synth_args);
+    args.extend(["--out", synth.to_str().unwrap()]);
+    run(args);
     let manifest = synth.join("manifest.csv");
-    let out = mtx(&[
+    let mut args = vec![
         "pack",
         "--manifest",
         manifest.to_str().unwrap(),
@@ -183,13 +178,21 @@ pub fn tiny_corpus(dir: &Path, subjects: usize, seed: u64) -> PathBuf {
         "32,38,32",
         "--spacing",
         "6",
-        "--val-fraction",
-        "0.2",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    ];
+    args.extend_from_slice(pack_args);
+    run(args);
+}
+
+/// Synthesises `subjects` healthy subjects in `dir/h` and packs them at the tiny preset's grid
+/// (32x38x32, 6 mm, 20 % validation) into `dir/tiny.h5`, through the binary.
+pub fn tiny_corpus(dir: &Path, subjects: usize, seed: u64) -> PathBuf {
+    let corpus = dir.join("tiny.h5");
+    let (n, s) = (subjects.to_string(), seed.to_string());
+    synth_and_pack_tiny(
+        &dir.join("h"),
+        &corpus,
+        &["--cohort", "healthy", "--subjects", &n, "--seed", &s],
+        &["--val-fraction", "0.2"],
     );
     corpus
 }
