@@ -3,7 +3,12 @@ work as `mtx-hpc bench step`: paper preset, random smooth volumes, frozen-encode
 trainable-encoder MEVP or the triplet stage, Adam on the stage's trainable part. For the side-by-side table in
 docs/PERFORMANCE.md; needs torch (a separate venv, never CI).
 
+On a GPU (--device cuda) it runs PyTorch at its best for this model: cudnn.benchmark on, TF32
+for matrix products and convolutions only with --tf32 (as `mtx-hpc bench step --tf32`), the
+clock read after torch.cuda.synchronize(), peak memory from the CUDA caching allocator.
+
 Usage: bench_step.py --stage mevp|mevp-trainable|triplet [--batch 4] [--threads 2] [--steps 3]
+                     [--device cpu|cuda] [--tf32]
 """
 import argparse
 import resource
@@ -20,8 +25,23 @@ ap.add_argument("--batch", type=int, default=4)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--steps", type=int, default=3)
 ap.add_argument("--preset", default="paper")
+ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+ap.add_argument("--tf32", action="store_true", help="TF32 tensor cores for f32 GEMMs and convolutions (GPU)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
+cuda = a.device == "cuda"
+if cuda:
+    # Every tensor the model makes (parameters, positions, index vectors) lands on the GPU.
+    torch.set_default_device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = a.tf32
+    torch.backends.cudnn.allow_tf32 = a.tf32
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
 
 cfg = ref.preset(a.preset)
 rng = np.random.default_rng(0)
@@ -47,6 +67,7 @@ for plane in ref.PLANES:
 opt = torch.optim.Adam([p for p in params.values() if p.requires_grad], lr=1e-4)
 times = []
 for step in range(a.steps + 1):
+    sync()
     t = time.perf_counter()
     opt.zero_grad()
     if a.stage == "triplet":
@@ -55,10 +76,16 @@ for step in range(a.steps + 1):
         loss = net.mevp(volumes, masks, trainable_encoder=a.stage == "mevp-trainable")[0]
     loss.backward()
     opt.step()
+    sync()
     s = time.perf_counter() - t
     if step > 0:
         times.append(s)
     print(f"  step {step}: {s:.3f} s, loss {loss.item():.4f}{' (warm-up)' if step == 0 else ''}")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"torch {torch.__version__} {a.stage} batch {a.batch} threads {a.threads}: "
+if cuda:
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    where = f"{torch.cuda.get_device_name()}{' TF32' if a.tf32 else ''}"
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    where = f"threads {a.threads}"
+print(f"torch {torch.__version__} {a.stage} batch {a.batch} {where}: "
       f"median step {sorted(times)[len(times) // 2]:.3f} s, peak memory {peak:.0f} MiB")
