@@ -197,6 +197,16 @@ fn cfg_1d(blocks: u32, threads: u32, shared: u32) -> LaunchConfig {
     }
 }
 
+/// A launch over `rows` rows of `cols` elements ([`plan::grid_2d`]).
+fn rows_of(cols: usize, rows: usize) -> LaunchConfig {
+    let ((gx, gy), threads) = plan::grid_2d(cols, rows);
+    LaunchConfig {
+        grid_dim: (gx, gy, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// A grid-stride elementwise launch over `len` values.
 fn elementwise(len: usize) -> LaunchConfig {
     cfg_1d(grid_for(len, ELEMENTWISE_THREADS), ELEMENTWISE_THREADS, 0)
@@ -615,7 +625,7 @@ impl Backend for Cuda {
         for chunk in plan::image_chunks(s.n, per_chunk) {
             let imgs = chunk.len();
             let xc = x.part(chunk.start * x_img..chunk.end * x_img);
-            launch!(self, "im2col", elementwise(imgs * kk * p);
+            launch!(self, "im2col", rows_of(p, imgs * kk);
                 xc.ptr(), i32_of(imgs, "n"), i32_of(s.cin, "cin"), i32_of(s.h, "h"),
                 i32_of(s.w, "w"), i32_of(s.k, "k"), i32_of(s.stride, "stride"),
                 i32_of(s.pad, "pad"), i32_of(ho, "ho"), i32_of(wo, "wo"),
@@ -674,7 +684,7 @@ impl Backend for Cuda {
                 (col, imgs * kk * p),
             );
             let dxc = dx.span.part(chunk.start * x_img..chunk.end * x_img);
-            launch!(self, "col2im", elementwise(imgs * x_img);
+            launch!(self, "col2im", rows_of(s.h * s.w, imgs * s.cin);
                 col, i32_of(imgs, "n"), i32_of(s.cin, "cin"), i32_of(s.h, "h"),
                 i32_of(s.w, "w"), i32_of(s.k, "k"), i32_of(s.stride, "stride"),
                 i32_of(s.pad, "pad"), i32_of(ho, "ho"), i32_of(wo, "wo"),
@@ -710,7 +720,7 @@ impl Backend for Cuda {
             .address(scratch);
             let l = plan::col_rows(s, imgs);
             let xc = x.part(chunk.start * x_img..chunk.end * x_img);
-            launch!(self, "im2col", elementwise(imgs * kk * p);
+            launch!(self, "im2col", rows_of(p, imgs * kk);
                 xc.ptr(), i32_of(imgs, "n"), i32_of(s.cin, "cin"), i32_of(s.h, "h"),
                 i32_of(s.w, "w"), i32_of(s.k, "k"), i32_of(s.stride, "stride"),
                 i32_of(s.pad, "pad"), i32_of(ho, "ho"), i32_of(wo, "wo"),

@@ -70,6 +70,27 @@ pub fn grid_for(len: usize, threads: u32) -> u32 {
     blocks.min(MAX_GRID as usize) as u32
 }
 
+/// CUDA's limit on a grid's y dimension.
+pub const MAX_GRID_Y: u32 = 65_535;
+
+/// A two-dimensional launch over `rows` rows of `cols` elements: threads of a block along a row
+/// (a multiple of 32, at most [`ELEMENTWISE_THREADS`]), blocks along x to cover the row, one
+/// block row per row up to [`MAX_GRID_Y`] (the kernel strides over the rest). Returns
+/// `((grid_x, grid_y), threads)`. Both counts must fit the kernels' 32-bit indices.
+pub fn grid_2d(cols: usize, rows: usize) -> ((u32, u32), u32) {
+    assert!(
+        cols <= i32::MAX as usize && rows <= i32::MAX as usize,
+        "a {rows} x {cols} launch exceeds 32-bit indices"
+    );
+    let threads = cols
+        .div_ceil(32)
+        .clamp(1, (ELEMENTWISE_THREADS / 32) as usize) as u32
+        * 32;
+    let gx = cols.div_ceil(threads as usize).max(1) as u32;
+    let gy = rows.clamp(1, MAX_GRID_Y as usize) as u32;
+    ((gx, gy), threads)
+}
+
 /// Blocks for one block per item (plane, row block), checked against CUDA's grid limit.
 pub fn grid_exact(items: usize) -> u32 {
     assert!(
@@ -616,6 +637,11 @@ mod tests {
         assert_eq!(grid_for(257, 256), 2);
         assert_eq!(grid_for(usize::MAX / 2, 256), MAX_GRID);
         assert_eq!(grid_exact(7), 7);
+        // Rows of 42 positions (a late stage's 6 x 7): 64 threads, one block across.
+        assert_eq!(grid_2d(42, 10), ((1, 10), 64));
+        assert_eq!(grid_2d(2736, 100_000), ((11, MAX_GRID_Y), 256));
+        assert_eq!(grid_2d(0, 0), ((1, 1), 32));
+        assert!(std::panic::catch_unwind(|| grid_2d(1 << 31, 1)).is_err());
         assert!(std::panic::catch_unwind(|| grid_exact(0)).is_err());
     }
 
