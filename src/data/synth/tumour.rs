@@ -1,5 +1,5 @@
 //! A brain tumour with BraTS labels (1 necrotic core, 2 oedema, 4 enhancing rim): nested,
-//! irregular shells around a centre inside the brain, 1 to 5 cm across, and what each label
+//! irregular shells around a centre inside the brain, 3 to 7 cm across, and what each label
 //! does to the T1 signal.
 use super::anatomy::Tissue;
 use super::random::{uniform, unit_vector};
@@ -28,8 +28,9 @@ impl Tumour {
         in_brain: impl Fn([f64; 3]) -> bool,
         rng: &mut impl Rng,
     ) -> Self {
-        // Log-uniform outer diameter from 1 to 5 cm: small lesions are as common as big ones.
-        let oedema_mm = 5.0 * uniform(rng, 0.0, 5f64.ln()).exp();
+        // Log-uniform outer diameter from 3 to 7 cm, the span of BraTS's whole tumours
+        // (oedema included: tens to a couple of hundred ml, spheres of about 3-7 cm).
+        let oedema_mm = 15.0 * uniform(rng, 0.0, (35.0f64 / 15.0).ln()).exp();
         let rim_mm = (oedema_mm * uniform(rng, 0.45, 0.65)).max(4.0);
         let core_mm = (rim_mm * uniform(rng, 0.4, 0.65))
             .max(2.2)
