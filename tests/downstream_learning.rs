@@ -9,8 +9,8 @@
 //! The figures measured on the development VM are in docs/PERFORMANCE.md ("learning
 //! criteria"). Diagnosis and age share one cohort of 120 subjects, synthesised once per test
 //! binary; segmentation makes a tumour-only one. Synth is seeded and training deterministic,
-//! so the files and the figures are the same on every run (about 3.5 min for the file on 2
-//! cores in the dev profile, the ignored segmentation test not counted).
+//! so the files and the figures are the same on every run (about 5.5 min for the file on 2
+//! cores in the dev profile, 2.2 of them segmentation's).
 mod common;
 
 use common::{mtx, synth_and_pack_tiny};
@@ -138,15 +138,11 @@ fn age_mae_beats_the_training_mean() {
 }
 
 /// Whole-tumour Dice at least 0.5 on a tumour-only clinical cohort (60 subjects, every one
-/// with a tumour, 4 folds: 36 fitting subjects, 15 test subjects).
-///
-/// Not met yet, so ignored: measured on the development VM (docs/PERFORMANCE.md), the tiny
-/// preset reaches a whole-tumour Dice of 0.202 with these options (40 epochs, 2.5 min on one
-/// thread; 0.174 with the earlier per-class Dice and arg-max); tumours of 1-5 cm are 2-8
-/// voxels across at 6 mm, and the small preset reached 0.256 in a 30-epoch run. Run it with
-/// `cargo test --test downstream_learning -- --ignored segmentation`.
+/// with a tumour, 4 folds: 36 fitting subjects, 15 test subjects). Measured on the
+/// development VM (docs/PERFORMANCE.md), with segmentation's default options: 0.562 (tumour
+/// core 0.441, enhancing 0.438), the epoch kept 25 of 40. The synth's tumours are 3-7 cm across, as BraTS's whole tumours; with
+/// the earlier 1-5 cm (half under 2.2 cm: 2-3 voxels at 6 mm) the same options reached 0.202.
 #[test]
-#[ignore = "whole-tumour Dice 0.202 at the tiny preset (0.5 wanted): docs/PERFORMANCE.md"]
 fn segmentation_whole_tumour_dice() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = cohort(tmp.path(), 60, 1.0, 1);
@@ -154,22 +150,11 @@ fn segmentation_whole_tumour_dice() {
         tmp.path(),
         &corpus,
         "segmentation",
-        &[
-            "--folds",
-            "4",
-            "--epochs",
-            "40",
-            "--batch",
-            "1",
-            "--lr",
-            "1e-2",
-            "--schedule",
-            "cosine",
-            "--tumour-weight",
-            "5",
-        ],
+        // Segmentation's own defaults: 40 epochs, batch 1, lr 1e-2 (cosine), tumour weight 5.
+        &["--folds", "4"],
     );
     let dice = metric(&m, "dice_wt");
+    eprintln!("whole-tumour Dice {dice:.3}");
     assert!(
         dice >= 0.5,
         "whole-tumour Dice {dice:.3} (at least 0.5 wanted)"

@@ -85,15 +85,16 @@ pub struct FinetuneArgs {
     /// Diagnosis: the negative and the positive class, as the corpus spells them.
     #[arg(long, default_value = "CN,AD")]
     pub classes: String,
-    /// Training epochs (the epoch with the lowest inner-validation loss is kept).
-    #[arg(long, default_value_t = 20)]
-    pub epochs: usize,
-    /// Subjects per step.
-    #[arg(long, default_value_t = 4)]
-    pub batch: usize,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = 3e-4)]
-    pub lr: f64,
+    /// Training epochs (the epoch with the lowest inner-validation loss is kept) [default: 20;
+    /// segmentation 40].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Subjects per step [default: 4; segmentation 1].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Adam learning rate [default: 3e-4; segmentation 1e-2].
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Learning-rate schedule over the run's steps: `constant` (--lr throughout) or `cosine`
     /// (from --lr down to 0 at the last step: lr/2 (1 + cos(pi (step - 1) / steps))).
     #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
@@ -105,9 +106,10 @@ pub struct FinetuneArgs {
     /// (the Bezier curves of the triplet stage) in an epoch; drawn per (seed, epoch, subject).
     #[arg(long, default_value_t = 0.0)]
     pub augment: f64,
-    /// Segmentation: cross-entropy weight of the tumour voxels (background weighs 1).
-    #[arg(long, default_value_t = 1.0)]
-    pub tumour_weight: f64,
+    /// Segmentation: cross-entropy weight of the tumour voxels (background weighs 1)
+    /// [default: 5].
+    #[arg(long)]
+    pub tumour_weight: Option<f64>,
     /// Fraction of the (label-fraction) training subjects held out for the inner validation.
     #[arg(long, default_value_t = 0.2)]
     pub val_fraction: f64,
@@ -337,6 +339,44 @@ fn run_cell(args: &FinetuneArgs, grid_path: &Path) -> Result<()> {
 
 fn cell_line(c: &Cell) -> String {
     format!("{} {} {} {} {}", c.task, c.fold, c.fraction, c.init, c.seed)
+}
+
+/// The options of a run's training loop: the flags given, else the task's defaults.
+/// Segmentation's differ: each volume gives a few hundred thousand voxels, most of them
+/// background, so one subject a step, tumour voxels weighted 5 in the cross-entropy, a larger
+/// learning rate and more epochs leave the all-background plateau that the other tasks'
+/// defaults stay on (docs/PERFORMANCE.md, "segmentation").
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Training {
+    epochs: usize,
+    batch: usize,
+    lr: f64,
+    tumour_weight: f64,
+}
+
+impl Training {
+    fn of(args: &FinetuneArgs, task: Task) -> Result<Self> {
+        let seg = task == Task::Segmentation;
+        let t = Self {
+            epochs: args.epochs.unwrap_or(if seg { 40 } else { 20 }),
+            batch: args.batch.unwrap_or(if seg { 1 } else { 4 }),
+            lr: args.lr.unwrap_or(if seg { 1e-2 } else { 3e-4 }),
+            tumour_weight: args.tumour_weight.unwrap_or(if seg { 5.0 } else { 1.0 }),
+        };
+        if t.batch == 0 {
+            bail!("--batch must be positive");
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            bail!("--lr must be positive, got {}", t.lr);
+        }
+        if t.epochs == 0 {
+            bail!("--epochs must be positive");
+        }
+        if !(t.tumour_weight.is_finite() && t.tumour_weight > 0.0) {
+            bail!("--tumour-weight must be positive, got {}", t.tumour_weight);
+        }
+        Ok(t)
+    }
 }
 
 /// Runs `spec` on the device `--device` picks.
@@ -685,15 +725,7 @@ impl Model {
 fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> {
     let started = Instant::now();
     super::check_fraction(spec.fraction).map_err(anyhow::Error::msg)?;
-    if args.batch == 0 {
-        bail!("--batch must be positive");
-    }
-    if !(args.lr.is_finite() && args.lr > 0.0) {
-        bail!("--lr must be positive, got {}", args.lr);
-    }
-    if args.epochs == 0 {
-        bail!("--epochs must be positive");
-    }
+    let training = Training::of(args, spec.task)?;
     if !(args.weight_decay.is_finite() && args.weight_decay >= 0.0) {
         bail!(
             "--weight-decay must be 0 or positive, got {}",
@@ -702,12 +734,6 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
     }
     if !(0.0..=1.0).contains(&args.augment) {
         bail!("--augment is a probability in [0, 1], got {}", args.augment);
-    }
-    if !(args.tumour_weight.is_finite() && args.tumour_weight > 0.0) {
-        bail!(
-            "--tumour-weight must be positive, got {}",
-            args.tumour_weight
-        );
     }
     let corpus = Corpus::open(&args.corpus)?;
     let corpus_checksum = file_checksum(&args.corpus)?;
@@ -786,7 +812,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         task,
         scale,
         train_encoder: !args.freeze_encoder,
-        tumour_weight: args.tumour_weight,
+        tumour_weight: training.tumour_weight,
     };
     let layout = &model.layout;
     let trainable = if args.freeze_encoder {
@@ -814,6 +840,19 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
             ""
         }
     );
+    println!(
+        "training: {} epochs, batch {}, lr {} ({:?}), weight decay {}{}",
+        training.epochs,
+        training.batch,
+        training.lr,
+        args.schedule,
+        args.weight_decay,
+        if task == Task::Segmentation {
+            format!(", tumour weight {}", training.tumour_weight)
+        } else {
+            String::new()
+        }
+    );
 
     let pos = model.positions(be, &cfg);
     let mut params = be.upload(&host);
@@ -826,10 +865,10 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
     };
     let mut best: Option<(f64, usize, Vec<f32>)> = None;
     let seg = task == Task::Segmentation;
-    let total_steps = (args.epochs * fit.len().div_ceil(args.batch)) as u64;
+    let total_steps = (training.epochs * fit.len().div_ceil(training.batch)) as u64;
     let mut step = 0u64;
-    let bar = crate::progress::bar(args.epochs as u64, task.name());
-    for epoch in 0..args.epochs {
+    let bar = crate::progress::bar(training.epochs as u64, task.name());
+    for epoch in 0..training.epochs {
         let t0 = Instant::now();
         let mut order: Vec<&Sample> = fit.iter().collect();
         let mut r = crate::rng::keyed(spec.seed, &[epoch as u64], "finetune-order");
@@ -838,7 +877,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
             order.swap(i, j);
         }
         let mut train_loss = 0.0;
-        for batch in order.chunks(args.batch) {
+        for batch in order.chunks(training.batch) {
             be.fill(be.view_mut(&mut grads, 0..layout.total()), 0.0);
             let (mut vols, labels) = data.read(batch, seg)?;
             if args.augment > 0.0 {
@@ -870,7 +909,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
             }
             step += 1;
             let h = crate::backend::Adam {
-                lr: args.schedule.lr(args.lr, step, total_steps) as f32,
+                lr: args.schedule.lr(training.lr, step, total_steps) as f32,
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
@@ -894,7 +933,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
         }
         train_loss /= fit.len() as f64;
         let (val_loss, _) =
-            model.evaluate(be, &params, &pos, &mut data, &val, args.batch, false)?;
+            model.evaluate(be, &params, &pos, &mut data, &val, training.batch, false)?;
         let improved = best.as_ref().is_none_or(|(b, _, _)| val_loss < *b);
         if improved {
             let mut keep = vec![0.0; layout.total()];
@@ -906,7 +945,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
             println!(
                 "epoch {:>3}/{}  train loss {train_loss:.5}  inner-val loss {val_loss:.5}{}  {:.1} s",
                 epoch + 1,
-                args.epochs,
+                training.epochs,
                 if improved { " (best)" } else { "" },
                 t0.elapsed().as_secs_f64()
             )
@@ -921,9 +960,9 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
     let (_, val_out) = if seg {
         Default::default()
     } else {
-        model.evaluate(be, &params, &pos, &mut data, &val, args.batch, false)?
+        model.evaluate(be, &params, &pos, &mut data, &val, training.batch, false)?
     };
-    let (_, test_out) = model.evaluate(be, &params, &pos, &mut data, &test, args.batch, seg)?;
+    let (_, test_out) = model.evaluate(be, &params, &pos, &mut data, &test, training.batch, seg)?;
     let mut results = MetricSet::default();
     let mut record = TaskRecord {
         task,
@@ -1001,7 +1040,7 @@ fn finetune<B: Backend>(be: &B, args: &FinetuneArgs, spec: &Spec) -> Result<()> 
             let ages = |s: &[Sample]| s.iter().map(|x| x.target).collect::<Vec<f64>>();
             let (train_ages, test_ages) = (ages(&[fit.clone(), val.clone()].concat()), ages(&test));
             let (_, fit_out) =
-                model.evaluate(be, &params, &pos, &mut data, &fit, args.batch, false)?;
+                model.evaluate(be, &params, &pos, &mut data, &fit, training.batch, false)?;
             let train_preds: Vec<f64> = fit_out
                 .scores
                 .iter()
@@ -1271,5 +1310,55 @@ mod tests {
             .map(|s| Schedule::Cosine.lr(lr, s, steps))
             .collect();
         assert!(all.windows(2).all(|w| w[1] < w[0]));
+    }
+
+    /// The options as the command line gives them.
+    fn args(extra: &[&str]) -> FinetuneArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: FinetuneArgs,
+        }
+        let mut argv = vec!["x", "--corpus", "c.h5", "--out", "o"];
+        argv.extend_from_slice(extra);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().a
+    }
+
+    #[test]
+    fn training_options_default_by_task_and_each_flag_overrides_its_own() {
+        let t = |extra: &[&str], task| Training::of(&args(extra), task);
+        let plain = Training {
+            epochs: 20,
+            batch: 4,
+            lr: 3e-4,
+            tumour_weight: 1.0,
+        };
+        assert_eq!(t(&[], Task::Diagnosis).unwrap(), plain);
+        assert_eq!(t(&[], Task::Age).unwrap(), plain);
+        let seg = Training {
+            epochs: 40,
+            batch: 1,
+            lr: 1e-2,
+            tumour_weight: 5.0,
+        };
+        assert_eq!(t(&[], Task::Segmentation).unwrap(), seg);
+        assert_eq!(
+            t(&["--batch", "2", "--lr", "1e-3"], Task::Segmentation).unwrap(),
+            Training {
+                batch: 2,
+                lr: 1e-3,
+                ..seg
+            }
+        );
+        assert_eq!(t(&["--epochs", "7"], Task::Age).unwrap().epochs, 7);
+        for (bad, says) in [
+            (&["--batch", "0"][..], "--batch"),
+            (&["--lr", "0"][..], "--lr"),
+            (&["--epochs", "0"][..], "--epochs"),
+            (&["--tumour-weight=-1"][..], "--tumour-weight"),
+        ] {
+            let e = t(bad, Task::Segmentation).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 }
