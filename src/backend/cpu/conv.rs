@@ -29,10 +29,11 @@ struct Mat<'a, T> {
     cs: usize,
 }
 
-/// Per-thread buffers: the columns of one image and the GEMM's packs. They live as long as
-/// the thread, so a training run does not page-fault fresh buffers on every call.
+/// Per-thread buffers: the columns of one image, its zero-padded copy, a column row and the
+/// GEMM's packs. They live as long as the thread, so a training run does not page-fault fresh buffers on every call.
 struct Scratch<T> {
     col: Vec<T>,
+    xpad: Vec<T>,
     row: Vec<T>,
     lhs: Vec<T>,
     gemm: gemm::Packs<T>,
@@ -42,6 +43,7 @@ impl<T: Real> Scratch<T> {
     fn new() -> Self {
         Scratch {
             col: Vec::new(),
+            xpad: Vec::new(),
             row: Vec::new(),
             lhs: Vec::new(),
             gemm: gemm::Packs::new(),
@@ -139,23 +141,130 @@ fn im2col_rows<T: Real>(s: &Conv2d, x: &[T], r0: usize, col: &mut [T]) {
     }
 }
 
-/// The same columns, written straight into the GEMM's packed right-operand layout (which
-/// saves the forward pass a copy of the whole column matrix); `row` is a scratch row.
-fn im2col_packed<T: Real>(s: &Conv2d, x: &[T], row: &mut [T], packed: &mut [T]) {
+/// Copies image `x` (`cin` planes of `h x w`) into `xp` with a zero border of `pad` on
+/// every side, so the column writers below read every tap without bounds tests.
+fn pad_image<T: Real>(s: &Conv2d, x: &[T], xp: &mut Vec<T>) {
+    let (hp, wp, pad) = (s.h + 2 * s.pad, s.w + 2 * s.pad, s.pad);
+    xp.resize(s.cin * hp * wp, T::zero());
+    // Every value is written (border zeros included): the buffer holds earlier images.
+    for (src, dst) in x.chunks_exact(s.h * s.w).zip(xp.chunks_exact_mut(hp * wp)) {
+        dst[..pad * wp].fill(T::zero());
+        dst[(pad + s.h) * wp..].fill(T::zero());
+        for (src, dst) in src
+            .chunks_exact(s.w)
+            .zip(dst[pad * wp..].chunks_exact_mut(wp))
+        {
+            dst[..pad].fill(T::zero());
+            dst[pad..pad + s.w].copy_from_slice(src);
+            dst[pad + s.w..].fill(T::zero());
+        }
+    }
+}
+
+/// The same columns, written straight into the GEMM's packed right-operand layout (no
+/// column matrix): row `r` of output position `q` lands at lane `q % NR` of panel `q / NR`
+/// in `r`'s block of `KC` rows. The image is zero-padded first (into `xpad`), so a tap's
+/// values along one output row are `wo` reads at the stride. Output rows spanning at least
+/// `NR` input columns are gathered into `row` and copied panel by panel; shorter ones go
+/// straight to the panels in runs cut at the panels' edges (measured at the encoder's
+/// shapes: the runs are 17 % faster on the last two stages' small maps, where a row is a
+/// handful of values, and slower on the wide rows of the stem and the first two stages).
+fn im2col_packed<T: Real>(
+    s: &Conv2d,
+    x: &[T],
+    xpad: &mut Vec<T>,
+    row: &mut Vec<T>,
+    packed: &mut [T],
+) {
     let (ho, wo) = s.out_hw();
     let (p, kk) = (ho * wo, s.cin * s.k * s.k);
-    let row = &mut row[..p.div_ceil(gemm::NR) * gemm::NR];
-    row[p..].fill(T::zero());
+    let npad = p.div_ceil(gemm::NR) * gemm::NR;
+    let (hp, wp) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
+    pad_image(s, x, xpad);
+    let wide = wo * s.stride >= gemm::NR;
+    if wide {
+        row.clear();
+        row.resize(npad, T::zero());
+    }
     let mut r = 0;
-    for ci in 0..s.cin {
-        let plane = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
+    for plane in xpad.chunks_exact(hp * wp) {
         for ky in 0..s.k {
             for kx in 0..s.k {
-                im2col_row(s, plane, ky, kx, &mut row[..p]);
-                gemm::scatter_rhs_row(kk, p, r, row, packed);
+                let p0 = r / gemm::KC * gemm::KC;
+                let panel_len = gemm::KC.min(kk - p0) * gemm::NR;
+                // Lane 0 of this row in the block's first panel.
+                let row0 = p0 * npad + (r - p0) * gemm::NR;
+                if wide {
+                    for (oy, dst) in row.chunks_exact_mut(wo).take(ho).enumerate() {
+                        let src = &plane[(oy * s.stride + ky) * wp + kx..];
+                        match s.stride {
+                            1 => dst.copy_from_slice(&src[..wo]),
+                            2 => strided::<T, 2>(dst, src, |o, v| *o = v),
+                            st => dst
+                                .iter_mut()
+                                .zip(src.iter().step_by(st))
+                                .for_each(|(o, v)| *o = *v),
+                        }
+                    }
+                    for (panel, src) in row.chunks_exact(gemm::NR).enumerate() {
+                        let at = row0 + panel * panel_len;
+                        packed[at..at + gemm::NR].copy_from_slice(src);
+                    }
+                    r += 1;
+                    continue;
+                }
+                let mut q = 0;
+                for oy in 0..ho {
+                    let src = &plane[(oy * s.stride + ky) * wp + kx..];
+                    let mut ox = 0;
+                    while ox < wo {
+                        let lane = q % gemm::NR;
+                        let len = (gemm::NR - lane).min(wo - ox);
+                        let at = row0 + q / gemm::NR * panel_len + lane;
+                        let dst = &mut packed[at..at + len];
+                        match s.stride {
+                            1 => copy_short(dst, &src[ox..ox + len]),
+                            2 => strided::<T, 2>(dst, &src[2 * ox..], |o, v| *o = v),
+                            st => dst
+                                .iter_mut()
+                                .zip(src[st * ox..].iter().step_by(st))
+                                .for_each(|(o, v)| *o = *v),
+                        }
+                        ox += len;
+                        q += len;
+                    }
+                }
+                if p < npad {
+                    let at = row0 + p / gemm::NR * panel_len + p % gemm::NR;
+                    packed[at..at + npad - p].fill(T::zero());
+                }
                 r += 1;
             }
         }
+    }
+}
+
+/// `dst = src` for the short runs of [`im2col_packed`] (at most `NR` values): whole
+/// 8-value chunks as fixed-size copies, the rest one by one, so no run becomes a `memcpy`
+/// call (measured: the call cost more than the copy).
+#[inline(always)]
+fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let s: &[T; 8] = s.try_into().expect("chunk of 8");
+        d.copy_from_slice(s);
+    }
+    let (d, s) = (d.into_remainder(), s.remainder());
+    match d.len() {
+        0 => {}
+        1 => d[0] = s[0],
+        2 => d.copy_from_slice(<&[T; 2]>::try_from(&s[..2]).expect("2")),
+        3 => d.copy_from_slice(<&[T; 3]>::try_from(&s[..3]).expect("3")),
+        4 => d.copy_from_slice(<&[T; 4]>::try_from(&s[..4]).expect("4")),
+        5 => d.copy_from_slice(<&[T; 5]>::try_from(&s[..5]).expect("5")),
+        6 => d.copy_from_slice(<&[T; 6]>::try_from(&s[..6]).expect("6")),
+        _ => d.copy_from_slice(<&[T; 7]>::try_from(&s[..7]).expect("7")),
     }
 }
 
@@ -284,14 +393,10 @@ pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
                         cs: 1,
                     })
                 } else {
-                    if sc.row.len() < p + gemm::NR {
-                        sc.row.resize(p + gemm::NR, T::zero());
-                    }
-                    im2col_packed(s, x, &mut sc.row, &mut sc.col[..col_len]);
+                    im2col_packed(s, x, &mut sc.xpad, &mut sc.row, &mut sc.col[..col_len]);
                     gemm::Rhs::Packed(&sc.col[..col_len])
                 };
-                y.fill(T::zero());
-                gemm::accumulate(s.cout, p, kk, &wp, b, y, &mut sc.gemm);
+                gemm::product(s.cout, p, kk, &wp, b, y, &mut sc.gemm);
             })
         });
 }
@@ -330,12 +435,10 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
                 });
                 let wt = &wt[..];
                 if is_pointwise(s) {
-                    dx.fill(T::zero());
-                    gemm::accumulate(kk, p, s.cout, wt, b, dx, &mut sc.gemm);
+                    gemm::product(kk, p, s.cout, wt, b, dx, &mut sc.gemm);
                 } else {
                     let col = &mut sc.col[..col_len];
-                    col.fill(T::zero());
-                    gemm::accumulate(kk, p, s.cout, wt, b, col, &mut sc.gemm);
+                    gemm::product(kk, p, s.cout, wt, b, col, &mut sc.gemm);
                     col2im(s, col, dx);
                 }
             })
@@ -547,7 +650,7 @@ mod gemm {
     /// kernel walks it four rows (eight accumulators) at a time.
     pub const MR: usize = 16;
     pub const NR: usize = 16;
-    const KC: usize = 256;
+    pub const KC: usize = 256;
     const MC: usize = 128;
     const NC: usize = 1024;
 
@@ -675,7 +778,7 @@ mod gemm {
     }
 
     /// The right operand: read through strides and packed block by block, or already in
-    /// the packed layout (see [`scatter_rhs_row`]).
+    /// the packed layout (see [`super::im2col_packed`]).
     #[derive(Clone, Copy)]
     pub enum Rhs<'a, T> {
         Strided(Mat<'a, T>),
@@ -687,23 +790,6 @@ mod gemm {
         k * n.div_ceil(NR) * NR
     }
 
-    /// Writes row `r` of `B [k, n]` into the packed layout: per block of `KC` summed
-    /// indices, every `NR`-column panel in turn. `row` holds the row zero-padded to a
-    /// multiple of `NR`.
-    #[inline]
-    pub fn scatter_rhs_row<T: Real>(k: usize, n: usize, r: usize, row: &[T], packed: &mut [T]) {
-        let npad = n.div_ceil(NR) * NR;
-        let p0 = r / KC * KC;
-        let kc = KC.min(k - p0);
-        let block = &mut packed[p0 * npad..(p0 + kc) * npad];
-        for (panel, src) in block
-            .chunks_exact_mut(kc * NR)
-            .zip(row[..npad].chunks_exact(NR))
-        {
-            panel[(r - p0) * NR..(r - p0 + 1) * NR].copy_from_slice(src);
-        }
-    }
-
     /// `C [m, n] += A [m, k] B [k, n]`, on the fastest kernel this processor has.
     pub fn accumulate<T: Real>(
         m: usize,
@@ -713,6 +799,37 @@ mod gemm {
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
+    ) {
+        run(m, n, k, a, b, c, packs, false);
+    }
+
+    /// `C [m, n] = A [m, k] B [k, n]`: [`accumulate`] without reading `C` (the first block
+    /// of `k` stores where the others add), which saves clearing it first.
+    pub fn product<T: Real>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[T],
+        b: Rhs<T>,
+        c: &mut [T],
+        packs: &mut Packs<T>,
+    ) {
+        if k == 0 {
+            c[..m * n].fill(T::zero());
+        }
+        run(m, n, k, a, b, c, packs, true);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Real>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[T],
+        b: Rhs<T>,
+        c: &mut [T],
+        packs: &mut Packs<T>,
+        overwrite: bool,
     ) {
         assert!(c.len() >= m * n, "gemm: C too short");
         assert!(
@@ -740,16 +857,16 @@ mod gemm {
                     )
                 };
                 // SAFETY: AVX2 and FMA checked above.
-                unsafe { accumulate_f32_avx2(m, n, k, a, b, c, packs) };
+                unsafe { accumulate_f32_avx2(m, n, k, a, b, c, packs, overwrite) };
                 return;
             }
             if fma {
                 // SAFETY: AVX2 and FMA checked above.
-                unsafe { accumulate_fma(m, n, k, a, b, c, packs) };
+                unsafe { accumulate_fma(m, n, k, a, b, c, packs, overwrite) };
                 return;
             }
         }
-        blocked::<T, Portable<false>>(m, n, k, a, b, c, packs);
+        blocked::<T, Portable<false>>(m, n, k, a, b, c, packs, overwrite);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -762,8 +879,9 @@ mod gemm {
         b: Rhs<f32>,
         c: &mut [f32],
         packs: &mut Packs<f32>,
+        overwrite: bool,
     ) {
-        blocked::<f32, Avx2>(m, n, k, a, b, c, packs);
+        blocked::<f32, Avx2>(m, n, k, a, b, c, packs, overwrite);
     }
 
     /// Other float types (f64 in the tests) with hardware FMA, so they round as f32 does.
@@ -777,8 +895,9 @@ mod gemm {
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
+        overwrite: bool,
     ) {
-        blocked::<T, Portable<true>>(m, n, k, a, b, c, packs);
+        blocked::<T, Portable<true>>(m, n, k, a, b, c, packs, overwrite);
     }
 
     /// Packs `A[i0.., p0..]` (`mc x kc`) as `MR`-row panels, each `kc` steps of `MR` values,
@@ -841,6 +960,9 @@ mod gemm {
         }
     }
 
+    /// The blocked product; `overwrite` stores the first block of `k` into `C` instead of
+    /// adding it.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn blocked<T: Real, K: Tile<T>>(
         m: usize,
@@ -850,6 +972,7 @@ mod gemm {
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
+        overwrite: bool,
     ) {
         let kc_max = KC.min(k);
         let b_len = match b {
@@ -890,8 +1013,12 @@ mod gemm {
                             K::tile(kc, ap, bp, &mut acc);
                             for (i, row) in acc.iter().enumerate().take(MR.min(m - ii)) {
                                 let dst = &mut c[(ii + i) * n + jj..(ii + i) * n + jj + cols];
-                                for (d, &v) in dst.iter_mut().zip(row) {
-                                    *d += v;
+                                if overwrite && p0 == 0 {
+                                    dst.copy_from_slice(&row[..cols]);
+                                } else {
+                                    for (d, &v) in dst.iter_mut().zip(row) {
+                                        *d += v;
+                                    }
                                 }
                             }
                         }
