@@ -116,31 +116,6 @@ fn is_pointwise(s: &Conv2d) -> bool {
     s.k == 1 && s.stride == 1 && s.pad == 0
 }
 
-/// The output positions `[lo, hi)` along one axis whose input `o * stride + tap - pad` lies
-/// inside `[0, len)`.
-fn valid_outputs(tap: usize, s: &Conv2d, len: usize, outs: usize) -> (usize, usize) {
-    let lo = s.pad.saturating_sub(tap).div_ceil(s.stride);
-    let hi = if len + s.pad > tap {
-        (len + s.pad - tap - 1) / s.stride + 1
-    } else {
-        0
-    };
-    let hi = hi.min(outs);
-    (lo.min(hi), hi)
-}
-
-/// Rows `r0..` (as many as `col` holds) of the column matrix
-/// `col[(ci k + ky) k + kx][oy wo + ox] = x[ci][oy s - p + ky][ox s - p + kx]` (0 outside).
-fn im2col_rows<T: Real>(s: &Conv2d, x: &[T], r0: usize, col: &mut [T]) {
-    let (ho, wo) = s.out_hw();
-    let taps = s.k * s.k;
-    for (i, row) in col.chunks_exact_mut(ho * wo).enumerate() {
-        let r = r0 + i;
-        let (ci, ky, kx) = (r / taps, r % taps / s.k, r % s.k);
-        im2col_row(s, &x[ci * s.h * s.w..(ci + 1) * s.h * s.w], ky, kx, row);
-    }
-}
-
 /// Copies image `x` (`cin` planes of `h x w`) into `xp` with a zero border of `pad` on
 /// every side, so the column writers below read every tap without bounds tests.
 fn pad_image<T: Real>(s: &Conv2d, x: &[T], xp: &mut Vec<T>) {
@@ -161,14 +136,60 @@ fn pad_image<T: Real>(s: &Conv2d, x: &[T], xp: &mut Vec<T>) {
     }
 }
 
+/// The column matrix `col[(ci k + ky) k + kx][oy wo + ox] = x[ci][oy s - p + ky][ox s - p +
+/// kx]` (0 outside), read from a zero-padded copy of the image (made in `xpad`).
+fn im2col<T: Real>(s: &Conv2d, x: &[T], xpad: &mut Vec<T>, col: &mut [T]) {
+    let (ho, wo) = s.out_hw();
+    let (hp, wp) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
+    pad_image(s, x, xpad);
+    let mut rows = col.chunks_exact_mut(ho * wo);
+    for plane in xpad.chunks_exact(hp * wp) {
+        for ky in 0..s.k {
+            for kx in 0..s.k {
+                let row = rows.next().expect("a column row per tap");
+                for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
+                    gather(dst, &plane[(oy * s.stride + ky) * wp + kx..], s.stride);
+                }
+            }
+        }
+    }
+}
+
+/// `dst[i] = src[i stride]` for every `i < dst.len()`.
+#[inline(always)]
+fn gather<T: Real>(dst: &mut [T], src: &[T], stride: usize) {
+    match stride {
+        1 if dst.len() <= gemm::NR / 2 => copy_short(dst, &src[..dst.len()]),
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        2 => strided::<T, 2>(dst, src, |o, v| *o = v),
+        st => dst
+            .iter_mut()
+            .zip(src.iter().step_by(st))
+            .for_each(|(o, v)| *o = *v),
+    }
+}
+
+/// `dst[i stride] += src[i]` for every `i < src.len()`: the adjoint of [`gather`].
+#[inline(always)]
+fn scatter_add<T: Real>(src: &[T], dst: &mut [T], stride: usize) {
+    match stride {
+        1 => src.iter().zip(dst).for_each(|(v, d)| *d += *v),
+        2 => strided_add::<T, 2>(src, dst),
+        st => src
+            .iter()
+            .zip(dst.iter_mut().step_by(st))
+            .for_each(|(v, d)| *d += *v),
+    }
+}
+
 /// The same columns, written straight into the GEMM's packed right-operand layout (no
 /// column matrix): row `r` of output position `q` lands at lane `q % NR` of panel `q / NR`
 /// in `r`'s block of `KC` rows. The image is zero-padded first (into `xpad`), so a tap's
-/// values along one output row are `wo` reads at the stride. Output rows spanning at least
-/// `NR` input columns are gathered into `row` and copied panel by panel; shorter ones go
-/// straight to the panels in runs cut at the panels' edges (measured at the encoder's
-/// shapes: the runs are 17 % faster on the last two stages' small maps, where a row is a
-/// handful of values, and slower on the wide rows of the stem and the first two stages).
+/// values along one output row are `wo` reads at the stride. Output rows longer than half a
+/// panel are gathered into `row` and copied panel by panel; shorter ones go straight to the
+/// panels in runs cut at the panels' edges (measured at the encoder's shapes: the runs are
+/// 10-17 % faster on the last two stages' maps, 8 and 4 wide, and slower on the wider rows of
+/// the stem and the first two stages).
 fn im2col_packed<T: Real>(
     s: &Conv2d,
     x: &[T],
@@ -181,7 +202,7 @@ fn im2col_packed<T: Real>(
     let npad = p.div_ceil(gemm::NR) * gemm::NR;
     let (hp, wp) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
     pad_image(s, x, xpad);
-    let wide = wo * s.stride >= gemm::NR;
+    let wide = 2 * wo > gemm::NR;
     if wide {
         row.clear();
         row.resize(npad, T::zero());
@@ -196,15 +217,7 @@ fn im2col_packed<T: Real>(
                 let row0 = p0 * npad + (r - p0) * gemm::NR;
                 if wide {
                     for (oy, dst) in row.chunks_exact_mut(wo).take(ho).enumerate() {
-                        let src = &plane[(oy * s.stride + ky) * wp + kx..];
-                        match s.stride {
-                            1 => dst.copy_from_slice(&src[..wo]),
-                            2 => strided::<T, 2>(dst, src, |o, v| *o = v),
-                            st => dst
-                                .iter_mut()
-                                .zip(src.iter().step_by(st))
-                                .for_each(|(o, v)| *o = *v),
-                        }
+                        gather(dst, &plane[(oy * s.stride + ky) * wp + kx..], s.stride);
                     }
                     for (panel, src) in row.chunks_exact(gemm::NR).enumerate() {
                         let at = row0 + panel * panel_len;
@@ -221,15 +234,7 @@ fn im2col_packed<T: Real>(
                         let lane = q % gemm::NR;
                         let len = (gemm::NR - lane).min(wo - ox);
                         let at = row0 + q / gemm::NR * panel_len + lane;
-                        let dst = &mut packed[at..at + len];
-                        match s.stride {
-                            1 => copy_short(dst, &src[ox..ox + len]),
-                            2 => strided::<T, 2>(dst, &src[2 * ox..], |o, v| *o = v),
-                            st => dst
-                                .iter_mut()
-                                .zip(src[st * ox..].iter().step_by(st))
-                                .for_each(|(o, v)| *o = *v),
-                        }
+                        gather(&mut packed[at..at + len], &src[s.stride * ox..], s.stride);
                         ox += len;
                         q += len;
                     }
@@ -296,61 +301,33 @@ fn strided_add<T: Real, const S: usize>(dense: &[T], sparse: &mut [T]) {
     sparse[head.len() * S] += last;
 }
 
-/// One row of the column matrix: tap `(ky, kx)` of one input plane at every output position.
-fn im2col_row<T: Real>(s: &Conv2d, plane: &[T], ky: usize, kx: usize, row: &mut [T]) {
+/// The adjoint of [`im2col`]: each column value is added back to its input, in a zero-padded
+/// image (made in `dxpad`) whose interior is then `dx`.
+fn col2im<T: Real>(s: &Conv2d, col: &[T], dxpad: &mut Vec<T>, dx: &mut [T]) {
     let (ho, wo) = s.out_hw();
-    let (oy0, oy1) = valid_outputs(ky, s, s.h, ho);
-    let (ox0, ox1) = valid_outputs(kx, s, s.w, wo);
-    row[..oy0 * wo].fill(T::zero());
-    row[oy1 * wo..].fill(T::zero());
-    for oy in oy0..oy1 {
-        let out = &mut row[oy * wo..(oy + 1) * wo];
-        out[..ox0].fill(T::zero());
-        out[ox1..].fill(T::zero());
-        let src = &plane[(oy * s.stride + ky - s.pad) * s.w..];
-        let first = ox0 * s.stride + kx - s.pad;
-        let (out, src) = (&mut out[ox0..ox1], &src[first..]);
-        match s.stride {
-            // An element loop, not copy_from_slice: rows are a few dozen values and a
-            // memcpy call per row costs more than the copy.
-            1 => out.iter_mut().zip(src).for_each(|(o, v)| *o = *v),
-            2 => strided::<T, 2>(out, src, |o, v| *o = v),
-            _ => out
-                .iter_mut()
-                .zip(src.iter().step_by(s.stride))
-                .for_each(|(o, v)| *o = *v),
-        }
-    }
-}
-
-/// The adjoint of [`im2col_rows`] over all rows: `dx = 0`, then each column value is added back to its input.
-fn col2im<T: Real>(s: &Conv2d, col: &[T], dx: &mut [T]) {
-    let (ho, wo) = s.out_hw();
-    let (h, w, k) = (s.h, s.w, s.k);
-    dx.fill(T::zero());
+    let (hp, wp, pad) = (s.h + 2 * s.pad, s.w + 2 * s.pad, s.pad);
+    dxpad.clear();
+    dxpad.resize(s.cin * hp * wp, T::zero());
     let mut rows = col.chunks_exact(ho * wo);
-    for ci in 0..s.cin {
-        let plane = &mut dx[ci * h * w..(ci + 1) * h * w];
-        for ky in 0..k {
-            let (oy0, oy1) = valid_outputs(ky, s, h, ho);
-            for kx in 0..k {
-                let (ox0, ox1) = valid_outputs(kx, s, w, wo);
-                let Some(row) = rows.next() else { return };
-                for oy in oy0..oy1 {
-                    let src = &row[oy * wo + ox0..oy * wo + ox1];
-                    let dst = &mut plane[(oy * s.stride + ky - s.pad) * w..];
-                    let first = ox0 * s.stride + kx - s.pad;
-                    let dst = &mut dst[first..];
-                    match s.stride {
-                        1 => src.iter().zip(dst).for_each(|(v, d)| *d += *v),
-                        2 => strided_add::<T, 2>(src, dst),
-                        _ => src
-                            .iter()
-                            .zip(dst.iter_mut().step_by(s.stride))
-                            .for_each(|(v, d)| *d += *v),
-                    }
+    for plane in dxpad.chunks_exact_mut(hp * wp) {
+        for ky in 0..s.k {
+            for kx in 0..s.k {
+                let row = rows.next().expect("a column row per tap");
+                for (oy, src) in row.chunks_exact(wo).enumerate() {
+                    scatter_add(src, &mut plane[(oy * s.stride + ky) * wp + kx..], s.stride);
                 }
             }
+        }
+    }
+    for (src, dst) in dxpad
+        .chunks_exact(hp * wp)
+        .zip(dx.chunks_exact_mut(s.h * s.w))
+    {
+        for (src, dst) in src[pad * wp..]
+            .chunks_exact(wp)
+            .zip(dst.chunks_exact_mut(s.w))
+        {
+            dst.copy_from_slice(&src[pad..pad + s.w]);
         }
     }
 }
@@ -439,7 +416,7 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
                 } else {
                     let col = &mut sc.col[..col_len];
                     gemm::product(kk, p, s.cout, wt, b, col, &mut sc.gemm);
-                    col2im(s, col, dx);
+                    col2im(s, col, &mut sc.xpad, dx);
                 }
             })
         });
@@ -474,7 +451,7 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
                     let cols = if is_pointwise(s) {
                         x
                     } else {
-                        im2col_rows(s, x, 0, &mut sc.col[..col_len]);
+                        im2col(s, x, &mut sc.xpad, &mut sc.col[..col_len]);
                         &sc.col[..col_len]
                     };
                     if use_dots {
