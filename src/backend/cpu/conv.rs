@@ -373,7 +373,7 @@ pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
                     im2col_packed(s, x, &mut sc.xpad, &mut sc.row, &mut sc.col[..col_len]);
                     gemm::Rhs::Packed(&sc.col[..col_len])
                 };
-                gemm::product(s.cout, p, kk, &wp, b, y, &mut sc.gemm);
+                gemm::multiply(s.cout, p, kk, &wp, b, y, &mut sc.gemm, gemm::Out::Store);
             })
         });
 }
@@ -412,10 +412,10 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
                 });
                 let wt = &wt[..];
                 if is_pointwise(s) {
-                    gemm::product(kk, p, s.cout, wt, b, dx, &mut sc.gemm);
+                    gemm::multiply(kk, p, s.cout, wt, b, dx, &mut sc.gemm, gemm::Out::Store);
                 } else {
                     let col = &mut sc.col[..col_len];
-                    gemm::product(kk, p, s.cout, wt, b, col, &mut sc.gemm);
+                    gemm::multiply(kk, p, s.cout, wt, b, col, &mut sc.gemm, gemm::Out::Store);
                     col2im(s, col, &mut sc.xpad, dx);
                 }
             })
@@ -468,7 +468,16 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
                             rs: 1,
                             cs: p,
                         });
-                        gemm::accumulate(s.cout, kk, p, &sc.lhs, b, &mut part, &mut sc.gemm);
+                        gemm::multiply(
+                            s.cout,
+                            kk,
+                            p,
+                            &sc.lhs,
+                            b,
+                            &mut part,
+                            &mut sc.gemm,
+                            gemm::Out::Add,
+                        );
                     }
                 }
             });
@@ -734,7 +743,7 @@ mod gemm {
         unsafe { &*(x as *const [T] as *const [U]) }
     }
 
-    /// `A [m, k]` packed for [`accumulate`]: per block of `KC` summed indices, every `MR`-row
+    /// `A [m, k]` packed for [`multiply`]: per block of `KC` summed indices, every `MR`-row
     /// panel in turn (rows zero-padded to a multiple of `MR`).
     pub fn pack_lhs<T: Real>(m: usize, k: usize, a: Mat<T>) -> Vec<T> {
         let mut out = Vec::new();
@@ -767,38 +776,19 @@ mod gemm {
         k * n.div_ceil(NR) * NR
     }
 
-    /// `C [m, n] += A [m, k] B [k, n]`, on the fastest kernel this processor has.
-    pub fn accumulate<T: Real>(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[T],
-        b: Rhs<T>,
-        c: &mut [T],
-        packs: &mut Packs<T>,
-    ) {
-        run(m, n, k, a, b, c, packs, false);
+    /// What [`multiply`] does with `C`.
+    #[derive(Clone, Copy, PartialEq)]
+    pub enum Out {
+        /// `C += A B`.
+        Add,
+        /// `C = A B`, without reading `C` (the first block of `k` stores where the others
+        /// add), which saves clearing it first.
+        Store,
     }
 
-    /// `C [m, n] = A [m, k] B [k, n]`: [`accumulate`] without reading `C` (the first block
-    /// of `k` stores where the others add), which saves clearing it first.
-    pub fn product<T: Real>(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[T],
-        b: Rhs<T>,
-        c: &mut [T],
-        packs: &mut Packs<T>,
-    ) {
-        if k == 0 {
-            c[..m * n].fill(T::zero());
-        }
-        run(m, n, k, a, b, c, packs, true);
-    }
-
+    /// `C [m, n] (+)= A [m, k] B [k, n]`, on the fastest kernel this processor has.
     #[allow(clippy::too_many_arguments)]
-    fn run<T: Real>(
+    pub fn multiply<T: Real>(
         m: usize,
         n: usize,
         k: usize,
@@ -806,9 +796,13 @@ mod gemm {
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
-        overwrite: bool,
+        out: Out,
     ) {
         assert!(c.len() >= m * n, "gemm: C too short");
+        if k == 0 && out == Out::Store {
+            c[..m * n].fill(T::zero());
+        }
+        let overwrite = out == Out::Store;
         assert!(
             a.len() >= m.div_ceil(MR) * MR * k,
             "gemm: packed A too short"
