@@ -30,7 +30,8 @@ struct Mat<'a, T> {
 }
 
 /// Per-thread buffers: the columns of one image, its zero-padded copy, a column row and the
-/// GEMM's packs. They live as long as the thread, so a training run does not page-fault fresh buffers on every call.
+/// GEMM's packs. They live as long as the thread, so a training run does not page-fault
+/// fresh buffers on every call.
 struct Scratch<T> {
     col: Vec<T>,
     xpad: Vec<T>,
