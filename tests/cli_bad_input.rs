@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mtx-bad-inputs-{}", std::process::id()));
+        let dir = common::shared_dir("bad-inputs");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bad_inputs.py");
         run_python(&[script, dir.to_str().expect("utf-8 temp dir")]);
         dir

@@ -84,14 +84,8 @@ fn metric(m: &serde_json::Value, name: &str) -> f64 {
 /// One clinical cohort for diagnosis and age (synth seed 0, 120 subjects, the default tumour
 /// fraction 0.3), made once per test binary.
 fn clinical() -> &'static Path {
-    static COHORT: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
-    &COHORT
-        .get_or_init(|| {
-            let tmp = tempfile::tempdir().unwrap();
-            let c = cohort(tmp.path(), 120, 0.3, 0);
-            (tmp, c)
-        })
-        .1
+    static COHORT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COHORT.get_or_init(|| cohort(&common::shared_dir("clinical"), 120, 0.3, 0))
 }
 
 /// CN vs AD (AD: a 20-30 % smaller hippocampus and more global atrophy than age gives): the

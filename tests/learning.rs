@@ -171,8 +171,7 @@ fn mevp_vs_position_means(
 }
 
 fn corpus_and_run() -> (PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("mtx-learning-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::shared_dir("learning");
     // 160 subjects (128 training, 32 validation): with 40, the MEVP context held nothing beyond
     // the position means (ratio 1.06); MTX_LEARN_SUBJECTS=N changes it.
     let subjects = std::env::var("MTX_LEARN_SUBJECTS")

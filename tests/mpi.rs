@@ -21,8 +21,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn corpus() -> &'static Path {
     static C: OnceLock<PathBuf> = OnceLock::new();
     C.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mtx-mpi-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::shared_dir("mpi");
         common::tiny_corpus(&dir, 12, 1)
     })
 }

@@ -12,8 +12,7 @@ use std::sync::OnceLock;
 fn corpus() -> &'static Path {
     static C: OnceLock<PathBuf> = OnceLock::new();
     C.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mtx-pretrain-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::shared_dir("pretrain");
         common::tiny_corpus(&dir, 10, 0)
     })
 }

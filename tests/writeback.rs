@@ -38,8 +38,7 @@ fn done_with_cohort() {
 fn cohort() -> &'static Cohort {
     static C: OnceLock<Cohort> = OnceLock::new();
     C.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mtx-writeback-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = common::shared_dir("writeback");
         let synth = dir.join("synth");
         let corpus = dir.join("clinical.h5");
         let n = SUBJECTS.to_string();

@@ -8,6 +8,7 @@ use mtx_hpc::data::preprocess::{
 };
 use mtx_hpc::io::AtomicFile;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
 
@@ -118,6 +119,35 @@ pub fn write_corpus(path: &Path, grid: [usize; 3], n: usize, labels: bool) -> Pa
             .expect("push");
     }
     w.finish().expect("finish")
+}
+
+/// A fresh directory for data that the tests of one binary share (a corpus made once in a
+/// `OnceLock`), named `mtx-<tag>-XXXXXX` in the temp folder and removed when the test binary
+/// exits, passed or failed: statics are never dropped, so a `TempDir` kept in one would stay
+/// on disk after every run. `MTX_KEEP_TEST_DIRS=1` keeps them, to look at after a failure.
+pub fn shared_dir(tag: &str) -> PathBuf {
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    extern "C" fn remove_all() {
+        if std::env::var_os("MTX_KEEP_TEST_DIRS").is_some() {
+            return;
+        }
+        let dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+        for d in dirs.iter() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("mtx-{tag}-"))
+        .tempdir()
+        .expect("temp dir")
+        .keep();
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: `remove_all` is a plain function that stays valid for the life of the process.
+    if dirs.is_empty() && unsafe { libc::atexit(remove_all) } != 0 {
+        panic!("cannot register the removal of {} at exit", dir.display());
+    }
+    dirs.push(dir.clone());
+    dir
 }
 
 /// Runs `mtx-hpc` with `args`.
