@@ -239,6 +239,49 @@ pub trait Backend: Send + Sync {
         mean: Self::ViewMut<'_>,
         rstd: Self::ViewMut<'_>,
     );
+    /// [`Backend::conv2d_forward`] into `pre`, then [`Backend::instance_norm_forward`] of it
+    /// into `post`, `mean`, `rstd` (`n = s.n`, `c = s.cout`): one call, so that a backend can
+    /// normalise each image while its convolution output is still in cache (this default
+    /// runs the two ops in turn). Without `pre` the convolution output is not kept (a
+    /// forward pass that needs no tape).
+    fn conv2d_norm_forward(
+        &self,
+        s: &Conv2d,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        gamma: Self::View<'_>,
+        beta: Self::View<'_>,
+        eps: f32,
+        relu: bool,
+        pre: Option<Self::ViewMut<'_>>,
+        post: Self::ViewMut<'_>,
+        mean: Self::ViewMut<'_>,
+        rstd: Self::ViewMut<'_>,
+    ) {
+        let (ho, wo) = s.out_hw();
+        let Some(mut pre) = pre else {
+            let len = s.n * s.cout * ho * wo;
+            let mut owned = self.zeros(len);
+            let pre = Some(self.view_mut(&mut owned, 0..len));
+            let (g, b) = (gamma, beta);
+            return self.conv2d_norm_forward(s, x, w, g, b, eps, relu, pre, post, mean, rstd);
+        };
+        self.conv2d_forward(s, x, w, self.reborrow_mut(&mut pre));
+        let pre = self.as_view(&pre);
+        self.instance_norm_forward(
+            s.n,
+            s.cout,
+            ho * wo,
+            eps,
+            relu,
+            pre,
+            gamma,
+            beta,
+            post,
+            mean,
+            rstd,
+        );
+    }
     /// Backward of the above (`y` is the forward output, used for the fused ReLU's mask):
     /// `dx =`, `dgamma +=`, `dbeta +=`.
     fn instance_norm_backward(

@@ -22,8 +22,8 @@ struct NormedConv<B: Backend> {
     conv_name: String,
     norm_name: String,
     conv: Conv2d,
-    /// Convolution output (the norm's input).
-    pre: B::Buf,
+    /// Convolution output (the norm's input); None in a pass without a tape.
+    pre: Option<B::Buf>,
     /// Norm output (after the fused ReLU when `relu`).
     post: B::Buf,
     mean: B::Buf,
@@ -45,7 +45,8 @@ pub const BLOCKS_PER_STAGE: usize = 2;
 /// Everything backward needs from one forward pass.
 pub struct EncoderTape<B: Backend> {
     n: usize,
-    input: B::Buf,
+    /// The slices (None without a tape).
+    input: Option<B::Buf>,
     stem: NormedConv<B>,
     pool: Pool2d,
     pooled: B::Buf,
@@ -159,7 +160,8 @@ fn names(conv: &str, norm: &str) -> (String, String) {
     (conv.to_string(), norm.to_string())
 }
 
-/// conv (no bias) then instance norm, with an optional fused ReLU.
+/// conv (no bias) then instance norm, with an optional fused ReLU; the conv output is kept
+/// for backward when `tape`.
 fn normed_conv_forward<B: Backend>(
     be: &B,
     eps: f32,
@@ -169,28 +171,23 @@ fn normed_conv_forward<B: Backend>(
     conv: Conv2d,
     x: B::View<'_>,
     relu: bool,
+    tape: bool,
 ) -> NormedConv<B> {
     let (ho, wo) = conv.out_hw();
     let len = conv.n * conv.cout * ho * wo;
-    let mut pre = be.zeros(len);
-    be.conv2d_forward(
-        &conv,
-        x,
-        view(be, params, idx, &conv_name),
-        all_mut(be, &mut pre),
-    );
+    let mut pre = tape.then(|| be.zeros(len));
     let mut post = be.zeros(len);
     let mut mean = be.zeros(conv.n * conv.cout);
     let mut rstd = be.zeros(conv.n * conv.cout);
-    be.instance_norm_forward(
-        conv.n,
-        conv.cout,
-        ho * wo,
-        eps,
-        relu,
-        all(be, &pre),
+    be.conv2d_norm_forward(
+        &conv,
+        x,
+        view(be, params, idx, &conv_name),
         view(be, params, idx, &format!("{norm_name}.gamma")),
         view(be, params, idx, &format!("{norm_name}.beta")),
+        eps,
+        relu,
+        pre.as_mut().map(|pre| all_mut(be, pre)),
         all_mut(be, &mut post),
         all_mut(be, &mut mean),
         all_mut(be, &mut rstd),
@@ -236,7 +233,7 @@ fn normed_conv_backward<B: Backend>(
             c.cout,
             ho * wo,
             t.relu,
-            all(be, &t.pre),
+            all(be, t.pre.as_ref().expect("a forward pass with a tape")),
             all(be, &t.post),
             view(be, params, idx, &format!("{}.gamma", t.norm_name)),
             all(be, &t.mean),
@@ -271,22 +268,51 @@ pub fn forward<B: Backend>(
     h: usize,
     w: usize,
 ) -> (B::Buf, EncoderTape<B>) {
-    let input = {
+    run(be, spec, params, idx, x, n, h, w, true)
+}
+
+/// [`forward`] without a tape (a frozen encoder): the same vectors, and no convolution
+/// output is kept (each is normalised as it is made, see [`Backend::conv2d_norm_forward`]).
+pub fn encode<B: Backend>(
+    be: &B,
+    spec: &EncoderSpec,
+    params: &B::Buf,
+    idx: &impl ParamIndex,
+    x: B::View<'_>,
+    n: usize,
+    h: usize,
+    w: usize,
+) -> B::Buf {
+    run(be, spec, params, idx, x, n, h, w, false).0
+}
+
+/// The forward pass; `tape` keeps what backward needs (else the tape's convolution
+/// outputs and input are missing, and it is only dropped).
+fn run<B: Backend>(
+    be: &B,
+    spec: &EncoderSpec,
+    params: &B::Buf,
+    idx: &impl ParamIndex,
+    x: B::View<'_>,
+    n: usize,
+    h: usize,
+    w: usize,
+    tape: bool,
+) -> (B::Buf, EncoderTape<B>) {
+    let input = tape.then(|| {
         let mut b = be.zeros(n * h * w);
         be.copy(x, all_mut(be, &mut b));
         b
-    };
+    });
     let plan = Plan::new(spec, n, h, w);
-    let stem = normed_conv_forward(
-        be,
-        spec.eps,
-        params,
-        idx,
-        names("encoder.stem.conv", "encoder.stem.norm"),
-        plan.stem,
-        all(be, &input),
-        true,
-    );
+    let stem = |x: B::View<'_>| {
+        let names = names("encoder.stem.conv", "encoder.stem.norm");
+        normed_conv_forward(be, spec.eps, params, idx, names, plan.stem, x, true, tape)
+    };
+    let stem = match &input {
+        Some(copy) => stem(all(be, copy)),
+        None => stem(x),
+    };
     let pool = plan.pool;
     let (ph, pw) = pool.out_hw();
     let mut pooled = be.zeros(n * pool.c * ph * pw);
@@ -305,6 +331,7 @@ pub fn forward<B: Backend>(
             bp.conv1,
             all(be, input),
             true,
+            tape,
         );
         let c2 = normed_conv_forward(
             be,
@@ -315,6 +342,7 @@ pub fn forward<B: Backend>(
             bp.conv2,
             all(be, &c1.post),
             false,
+            tape,
         );
         let down = bp.down.map(|conv| {
             normed_conv_forward(
@@ -329,6 +357,7 @@ pub fn forward<B: Backend>(
                 conv,
                 all(be, input),
                 false,
+                tape,
             )
         });
         let len = be.len(&c2.post);
@@ -507,7 +536,7 @@ pub fn backward_with_skips<B: Backend>(
         grads,
         idx,
         &tape.stem,
-        all(be, &tape.input),
+        all(be, tape.input.as_ref().expect("a forward pass with a tape")),
         all(be, &dstem),
         false,
     );
@@ -613,6 +642,19 @@ mod tests {
 
     /// Three coordinates of every encoder tensor against central differences (h = 1e-5),
     /// with gradients arriving both through the output vectors and through every map.
+    /// Without a tape the encoder gives the same vectors, bit for bit.
+    #[test]
+    fn encode_gives_the_vectors_of_forward() {
+        let c = case();
+        let be = crate::backend::cpu::Cpu;
+        let params: Vec<f32> = c.params.iter().map(|&v| v as f32).collect();
+        let x: Vec<f32> = c.x.iter().map(|&v| v as f32).collect();
+        let (params, x) = (be.upload(&params), be.upload(&x));
+        let (want, _) = forward(&be, &c.spec, &params, &c.layout, all(&be, &x), N, H, W);
+        let got = encode(&be, &c.spec, &params, &c.layout, all(&be, &x), N, H, W);
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn skip_gradients_match_finite_differences() {
         let c = case();

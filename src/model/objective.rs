@@ -72,7 +72,7 @@ pub fn encode_plane<B: Backend>(
 ) -> B::Buf {
     let (n, h, w) = plane.geometry(net.grid);
     let slices = plane_slices(be, net.grid, plane, volumes, b);
-    encoder::forward(be, &net.encoder, params, idx, all(be, &slices), b * n, h, w).0
+    encoder::encode(be, &net.encoder, params, idx, all(be, &slices), b * n, h, w)
 }
 
 /// The [MASK] vector of a plane: the encoder's vector of a constant -1 slice.
@@ -85,7 +85,7 @@ pub fn mask_token<B: Backend>(
 ) -> B::Buf {
     let (_, h, w) = plane.geometry(net.grid);
     let image = be.upload(&vec![-1.0; h * w]);
-    encoder::forward(be, &net.encoder, params, idx, all(be, &image), 1, h, w).0
+    encoder::encode(be, &net.encoder, params, idx, all(be, &image), 1, h, w)
 }
 
 /// The masked positions of one subject, per plane (sorted indices into that plane's slices).

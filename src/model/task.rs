@@ -43,8 +43,16 @@ pub fn contextualise<B: Backend>(
     Plane::ALL.map(|plane| {
         let (n, h, w) = plane.geometry(net.grid);
         let slices = plane_slices(be, net.grid, plane, volumes, b);
-        let (vectors, tape) =
-            encoder::forward(be, &net.encoder, params, idx, all(be, &slices), b * n, h, w);
+        let x = all(be, &slices);
+        let (vectors, tape) = if keep_encoder_tape {
+            let (v, tape) = encoder::forward(be, &net.encoder, params, idx, x, b * n, h, w);
+            (v, Some(tape))
+        } else {
+            (
+                encoder::encode(be, &net.encoder, params, idx, x, b * n, h, w),
+                None,
+            )
+        };
         drop(slices);
         let segment = [Segment {
             plane: plane.index(),
@@ -65,7 +73,7 @@ pub fn contextualise<B: Backend>(
             plane,
             n,
             vectors,
-            encoder: keep_encoder_tape.then_some(tape),
+            encoder: tape,
             tokens,
             transformer,
         }

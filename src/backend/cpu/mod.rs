@@ -133,6 +133,31 @@ macro_rules! cpu_backend {
             ) {
                 norm::instance_forward(n, c, hw, eps, relu, x, gamma, beta, y, mean, rstd);
             }
+            fn conv2d_norm_forward(
+                &self,
+                s: &Conv2d,
+                x: &[$t],
+                w: &[$t],
+                gamma: &[$t],
+                beta: &[$t],
+                eps: f32,
+                relu: bool,
+                pre: Option<&mut [$t]>,
+                post: &mut [$t],
+                mean: &mut [$t],
+                rstd: &mut [$t],
+            ) {
+                let norm = conv::Norm {
+                    eps,
+                    relu,
+                    gamma,
+                    beta,
+                    post,
+                    mean,
+                    rstd,
+                };
+                conv::forward_normed(s, x, w, pre, norm);
+            }
             fn instance_norm_backward(
                 &self,
                 n: usize,

@@ -97,18 +97,65 @@ pub fn instance_forward<T: Real>(
     if hw == 0 {
         return;
     }
-    let eps = f64::from(eps);
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .enumerate()
         .for_each(|(plane, ((y, x), (mean, rstd)))| {
             let ch = plane % c;
-            let (m, r) = moments(x, eps);
-            *mean = real(m);
-            *rstd = real(r);
-            normalise(x, *mean, *rstd, gamma[ch], beta[ch], relu, y);
+            instance_plane(eps, relu, x, gamma[ch], beta[ch], y, mean, rstd);
         });
+}
+
+/// Instance norm of one image's `c` planes (`x`, `y` of `c * hw`; `mean`, `rstd` of `c`),
+/// on this thread: for a caller that already runs one image per task (the fused
+/// convolution + norm, `conv::forward`).
+pub fn instance_forward_image<T: Real>(
+    eps: f32,
+    relu: bool,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    y: &mut [T],
+    mean: &mut [T],
+    rstd: &mut [T],
+) {
+    let c = gamma.len();
+    assert!(beta.len() == c && mean.len() == c && rstd.len() == c && x.len() == y.len());
+    if c == 0 || x.is_empty() {
+        return;
+    }
+    let hw = x.len() / c;
+    for (ch, (y, x)) in y.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
+        instance_plane(
+            eps,
+            relu,
+            x,
+            gamma[ch],
+            beta[ch],
+            y,
+            &mut mean[ch],
+            &mut rstd[ch],
+        );
+    }
+}
+
+/// One plane of instance norm: its moments, then `y`.
+#[inline(always)]
+fn instance_plane<T: Real>(
+    eps: f32,
+    relu: bool,
+    x: &[T],
+    gamma: T,
+    beta: T,
+    y: &mut [T],
+    mean: &mut T,
+    rstd: &mut T,
+) {
+    let (m, r) = moments(x, f64::from(eps));
+    *mean = real(m);
+    *rstd = real(r);
+    normalise(x, *mean, *rstd, gamma, beta, relu, y);
 }
 
 pub fn instance_backward<T: Real>(
