@@ -120,12 +120,97 @@ fn is_pointwise(s: &Conv2d) -> bool {
     s.k == 1 && s.stride == 1 && s.pad == 0
 }
 
-/// Stride-1 convolutions whose output rows are at least six times the `k - 1` extra values
-/// of a padded row read their columns in place from the padded image (see [`forward`]).
-/// (Measured on the encoder's layers: 30 % faster forward at 29 and 15 wide, the same at 8,
-/// 40 % slower at 4.)
+/// Convolutions whose output rows are at least six times the extra values of a phase
+/// plane's row read their columns in place ([`Implicit`]). (Measured on the encoder's
+/// stride-1 layers: 30 % faster forward at 29 and 15 wide, the same at 8, 40 % slower at 4.)
 fn is_implicit(s: &Conv2d) -> bool {
-    s.stride == 1 && s.k > 1 && 6 * (s.k - 1) <= s.out_hw().1
+    let wo = s.out_hw().1;
+    s.h * s.w > 0 && s.k > 1 && 6 * ((s.w + 2 * s.pad).div_ceil(s.stride) - wo) <= wo
+}
+
+/// Columns read in place (an implicit im2col). The zero-padded image is split by the stride
+/// into `stride²` phase planes per channel, plane `(a, b)` holding the padded pixels `(i
+/// stride + a, j stride + b)`, `hph x wph` (zero past the padded image; for stride 1 the one
+/// plane is the padded image). Tap `(ky, kx)` of output `(oy, ox)` is pixel `(oy + ky /
+/// stride, ox + kx / stride)` of plane `(ky % stride, kx % stride)`: with the output computed
+/// on the planes' width (`ho` rows of `wph`, of which the last `wph - wo` wrap into the next
+/// row and are dropped), column row `(ci k + ky) k + kx` is the planes themselves from one
+/// offset.
+struct Implicit {
+    stride: usize,
+    hph: usize,
+    wph: usize,
+    /// Per column row, its offset in the planes.
+    offs: Vec<usize>,
+    /// Length the planes are read to: the last offset plus the output positions rounded up
+    /// to whole panels.
+    len: usize,
+}
+
+impl Implicit {
+    fn new(s: &Conv2d) -> Self {
+        let st = s.stride;
+        let (hph, wph) = (
+            (s.h + 2 * s.pad).div_ceil(st),
+            (s.w + 2 * s.pad).div_ceil(st),
+        );
+        let k = s.k;
+        let offs: Vec<usize> = (0..s.cin * k * k)
+            .map(|r| {
+                let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
+                ((ci * st + ky % st) * st + kx % st) * hph * wph + ky / st * wph + kx / st
+            })
+            .collect();
+        let q = s.out_hw().0 * wph;
+        let len = offs
+            .iter()
+            .max()
+            .map_or(0, |m| m + q.div_ceil(gemm::NR) * gemm::NR);
+        Implicit {
+            stride: st,
+            hph,
+            wph,
+            offs,
+            len,
+        }
+    }
+
+    /// Output positions per image, on the planes' width.
+    fn positions(&self, s: &Conv2d) -> usize {
+        s.out_hw().0 * self.wph
+    }
+
+    /// The planes of image `x` into `xp` (every value written: the buffer holds earlier
+    /// images), zeros after them up to the length the columns read.
+    fn fill<T: Real>(&self, s: &Conv2d, x: &[T], xp: &mut Vec<T>) {
+        let (st, pad, w) = (self.stride, s.pad, s.w);
+        let planes = s.cin * st * st * self.hph * self.wph;
+        xp.resize(planes.max(self.len), T::zero());
+        let (body, tail) = xp.split_at_mut(planes);
+        tail.fill(T::zero());
+        let mut rows = body.chunks_exact_mut(self.wph);
+        for img in x.chunks_exact(s.h * w).take(s.cin) {
+            for a in 0..st {
+                for b in 0..st {
+                    // Columns j whose padded column `j st + b` is inside the image.
+                    let j0 = pad.saturating_sub(b).div_ceil(st).min(self.wph);
+                    let j1 = (w + pad).saturating_sub(b).div_ceil(st).clamp(j0, self.wph);
+                    for i in 0..self.hph {
+                        let dst = rows.next().expect("a row per plane row");
+                        let y = (i * st + a).wrapping_sub(pad);
+                        if y >= s.h {
+                            dst.fill(T::zero());
+                            continue;
+                        }
+                        dst[..j0].fill(T::zero());
+                        dst[j1..].fill(T::zero());
+                        let src = &img[y * w + j0 * st + b - pad..];
+                        gather(&mut dst[j0..j1], src, st);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Copies image `x` (`cin` planes of `h x w`) into `xp` with a zero border of `pad` on
@@ -417,25 +502,11 @@ fn forward_then<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: Option<&mut [T]>, norm
             cs: 1,
         },
     );
-    // Implicit columns: the output is computed on the padded width, `ho` rows of `wpad`
-    // positions whose last `k - 1` wrap into the next row and are dropped, so that column
-    // row `(ci k + ky) k + kx` is the padded image itself from offset `ci hp wpad + ky wpad + kx`.
-    let implicit = is_implicit(s);
-    let (hp, wpad) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
-    let q = ho * wpad;
-    let offs: Vec<usize> = if implicit {
-        (0..s.cin * s.k * s.k)
-            .map(|r| (r / (s.k * s.k)) * hp * wpad + (r / s.k % s.k) * wpad + r % s.k)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let col_len = if s.cin == 0 || is_pointwise(s) {
-        0
-    } else if implicit {
-        s.cout * q
-    } else {
-        gemm::rhs_packed_len(kk, p)
+    let implicit = is_implicit(s).then(|| Implicit::new(s));
+    let col_len = match &implicit {
+        _ if s.cin == 0 || is_pointwise(s) => 0,
+        Some(im) => s.cout * im.positions(s),
+        None => gemm::rhs_packed_len(kk, p),
     };
     let x_img = s.cin * s.h * s.w;
     ys.into_par_iter()
@@ -452,7 +523,7 @@ fn forward_then<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: Option<&mut [T]>, norm
                         &mut out[..]
                     }
                 };
-                image_forward(s, x, &wp, implicit, &offs, col_len, y, sc);
+                image_forward(s, x, &wp, implicit.as_ref(), col_len, y, sc);
                 if let (Some((post, mean, rstd)), Some((eps, relu, gamma, beta))) = (norm, affine) {
                     norm::instance_forward_image(eps, relu, y, gamma, beta, post, mean, rstd);
                 }
@@ -467,8 +538,7 @@ fn image_forward<T: Real>(
     s: &Conv2d,
     x: &[T],
     wp: &[T],
-    implicit: bool,
-    offs: &[usize],
+    implicit: Option<&Implicit>,
     col_len: usize,
     y: &mut [T],
     sc: &mut Scratch<T>,
@@ -479,21 +549,17 @@ fn image_forward<T: Real>(
         y.fill(T::zero());
         return;
     }
-    if implicit {
-        let wpad = s.w + 2 * s.pad;
-        let q = ho * wpad;
-        pad_image(s, x, &mut sc.xpad);
-        // Zeros past the image for the wrapped positions of the last panel.
-        let tail = s.k - 1 + q.div_ceil(gemm::NR) * gemm::NR - q;
-        sc.xpad.resize(sc.xpad.len() + tail, T::zero());
+    if let Some(im) = implicit {
+        let q = im.positions(s);
+        im.fill(s, x, &mut sc.xpad);
         let b = gemm::Rhs::Rows {
             base: &sc.xpad,
-            offs,
+            offs: &im.offs,
         };
         let yq = &mut sc.col[..col_len];
         gemm::multiply(s.cout, q, kk, wp, b, yq, &mut sc.gemm, gemm::Out::Store);
         for (y, yq) in y.chunks_exact_mut(p).zip(yq.chunks_exact(q)) {
-            for (dst, src) in y.chunks_exact_mut(wo).zip(yq.chunks_exact(wpad)) {
+            for (dst, src) in y.chunks_exact_mut(wo).zip(yq.chunks_exact(im.wph)) {
                 dst.copy_from_slice(&src[..wo]);
             }
         }
@@ -526,7 +592,8 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
     }
     // With stride 1 this is itself a stride-1 convolution of `dy`, padded by `k - 1 - pad`,
     // with the kernel flipped and its channel axes swapped: where that one reads its columns
-    // in place, it runs as a forward pass (no columns, no col2im).
+    // in place, it runs as a forward pass (no columns, no col2im). (Stride 2 would be a
+    // convolution of `dy` with zeros between its values.)
     if s.stride == 1 && s.pad < s.k {
         let t = Conv2d {
             cin: s.cout,
@@ -1415,6 +1482,8 @@ mod tests {
         gradient_case(shape(2, 2, 16, 10, 3, 3, 1, 1), 1046); // k3, dot-product dW
         gradient_case(shape(2, 3, 7, 14, 4, 3, 1, 1), 1047); // k3 s1, columns read in place
         gradient_case(shape(2, 2, 6, 15, 3, 3, 1, 0), 1048); // the same without padding
+        gradient_case(shape(2, 3, 9, 30, 4, 3, 2, 1), 1049); // k3 s2, in place from phases
+        gradient_case(shape(2, 1, 11, 41, 3, 7, 2, 3), 1051); // stem-like, odd sizes
         gradient_case(shape(1, 2, 2, 2, 3, 3, 2, 1), 1050); // 2x2 map, window beyond both edges
     }
 
@@ -1425,6 +1494,7 @@ mod tests {
         for s in [
             shape(2, 41, 40, 28, 131, 3, 1, 1),
             shape(2, 3, 35, 33, 17, 7, 2, 3),
+            shape(2, 6, 35, 81, 17, 7, 2, 3), // columns in place, 6 7 7 crosses a KC block
         ] {
             let (xl, wl, yl) = len(&s);
             let x = random(xl, 7);
@@ -1444,6 +1514,33 @@ mod tests {
             let mut dw = vec![0.0; wl];
             backward_weight(&s, &x, &dy, &mut dw);
             assert!((dot(&dw, &w) - reference).abs() < 1e-10 * reference.abs().max(1.0));
+        }
+    }
+
+    /// Which layers read their columns in place: the paper encoder's wide maps (the stem and
+    /// stages 1-2, stride 1 or 2), not the last stages' narrow ones; and the test shapes
+    /// above that are meant to.
+    #[test]
+    fn columns_in_place_where_output_rows_are_wide() {
+        let paper = [
+            (shape(1, 1, 96, 114, 16, 7, 2, 3), true),
+            (shape(1, 16, 24, 29, 16, 3, 1, 1), true),
+            (shape(1, 16, 24, 29, 32, 3, 2, 1), true),
+            (shape(1, 32, 12, 15, 32, 3, 1, 1), true),
+            (shape(1, 64, 6, 8, 64, 3, 1, 1), false),
+            (shape(1, 128, 3, 4, 128, 3, 1, 1), false),
+            (shape(1, 16, 24, 29, 32, 1, 2, 0), false),
+        ];
+        let tests = [
+            shape(2, 3, 7, 14, 4, 3, 1, 1),
+            shape(2, 2, 6, 15, 3, 3, 1, 0),
+            shape(2, 3, 9, 30, 4, 3, 2, 1),
+            shape(2, 1, 11, 41, 3, 7, 2, 3),
+            shape(2, 41, 40, 28, 131, 3, 1, 1),
+            shape(2, 6, 35, 81, 17, 7, 2, 3),
+        ];
+        for (s, want) in paper.into_iter().chain(tests.map(|s| (s, true))) {
+            assert_eq!(is_implicit(&s), want, "{s:?}");
         }
     }
 
