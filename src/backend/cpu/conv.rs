@@ -29,15 +29,16 @@ struct Mat<'a, T> {
     cs: usize,
 }
 
-/// Per-thread buffers: the columns of one image, its zero-padded copy, a column row and the
-/// GEMM's packs. They live as long as the thread, so a training run does not page-fault
+/// Per-thread buffers: the columns of one image (or group), its zero-padded copy, outputs
+/// and the GEMM's packs. They live as long as the thread, so a training run does not page-fault
 /// fresh buffers on every call.
 struct Scratch<T> {
     col: Vec<T>,
     /// One image's convolution output when the caller keeps none (the fused norm's input).
     out: Vec<T>,
+    /// The output of a group of images' GEMM ([`Table`]), before it is split per image.
+    gout: Vec<T>,
     xpad: Vec<T>,
-    row: Vec<T>,
     lhs: Vec<T>,
     gemm: gemm::Packs<T>,
 }
@@ -47,8 +48,8 @@ impl<T: Real> Scratch<T> {
         Scratch {
             col: Vec::new(),
             out: Vec::new(),
+            gout: Vec::new(),
             xpad: Vec::new(),
-            row: Vec::new(),
             lhs: Vec::new(),
             gemm: gemm::Packs::new(),
         }
@@ -279,74 +280,127 @@ fn scatter_add<T: Real>(src: &[T], dst: &mut [T], stride: usize) {
     }
 }
 
-/// The same columns, written straight into the GEMM's packed right-operand layout (no
-/// column matrix): row `r` of output position `q` lands at lane `q % NR` of panel `q / NR`
-/// in `r`'s block of `KC` rows. The image is zero-padded first (into `xpad`), so a tap's
-/// values along one output row are `wo` reads at the stride. Output rows longer than half a
-/// panel are gathered into `row` and copied panel by panel; shorter ones go straight to the
-/// panels in runs cut at the panels' edges (measured at the encoder's shapes: the runs are
-/// 10-17 % faster on the last two stages' maps, 8 and 4 wide, and slower on the wider rows of
-/// the stem and the first two stages).
-fn im2col_packed<T: Real>(
-    s: &Conv2d,
-    x: &[T],
-    xpad: &mut Vec<T>,
-    row: &mut Vec<T>,
-    packed: &mut [T],
-) {
-    let (ho, wo) = s.out_hw();
-    let (p, kk) = (ho * wo, s.cin * s.k * s.k);
-    let npad = p.div_ceil(gemm::NR) * gemm::NR;
-    let (hp, wp) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
-    pad_image(s, x, xpad);
-    let wide = 2 * wo > gemm::NR;
-    if wide {
-        row.clear();
-        row.resize(npad, T::zero());
+/// Columns of the layers that do not read them in place (the narrow maps of the last
+/// stages, strided 1x1 convolutions), gathered through a table straight into the GEMM's
+/// packed right-operand layout, for a group of images at once: row `r` of column `q` lands
+/// at lane `q % NR` of panel `q / NR` in `r`'s block of `KC` rows, and columns run over the
+/// group's images one after the other, so maps of a few positions (stage 4's 12) still fill
+/// whole `NR`-wide register tiles, and one pass of the weight serves the whole group. The
+/// table holds one offset per run of `run` lanes: with stride 1 a run of output positions
+/// along a row reads consecutive pixels, so whole runs are copied (measured on stage 3's
+/// 8-wide map: the fill 5x faster than one offset per lane).
+struct Table {
+    /// Images per group.
+    imgs: usize,
+    /// Columns of a whole group rounded up to panels.
+    npad: usize,
+    /// Lanes per offset: 8, 4, 2 or 1, dividing both `NR` and, with stride 1, the output
+    /// width (else 1), so no run crosses a row, an image or a panel.
+    run: usize,
+    /// Per tap `ky k + kx` and run of `run` columns up to `npad`: the offset of its first
+    /// value in the group's zero-padded images, from channel 0 of image 0 (columns past the
+    /// group's positions read offset 0: their products land in columns of `C` that are
+    /// never kept).
+    idx: Vec<u32>,
+}
+
+impl Table {
+    /// Columns per group aimed at: up to this many, the group whose last panel wastes the
+    /// fewest lanes (at 12 positions, 4 images fill 3 panels exactly).
+    const TARGET: usize = 4 * gemm::NR;
+
+    fn new(s: &Conv2d) -> Self {
+        let (ho, wo) = s.out_hw();
+        let p = ho * wo;
+        let waste = |g: usize| (g * p).div_ceil(gemm::NR) * gemm::NR - g * p;
+        let most = Self::TARGET.div_ceil(p.max(1)).clamp(1, s.n.max(1));
+        let imgs = (1..=most)
+            .min_by_key(|&g| (waste(g) * 4096 / (g * p.max(1)), g))
+            .expect("at least one group size");
+        let npos = imgs * p;
+        let npad = npos.div_ceil(gemm::NR) * gemm::NR;
+        let run = [8, 4, 2]
+            .into_iter()
+            .find(|&l| s.stride == 1 && wo % l == 0 && gemm::NR % l == 0)
+            .unwrap_or(1);
+        let (hp, wp) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
+        let img = s.cin * hp * wp;
+        assert!(
+            imgs * img <= u32::MAX as usize,
+            "conv: images too large for the table"
+        );
+        let mut idx = vec![0u32; s.k * s.k * npad / run];
+        for (t, row) in idx.chunks_exact_mut((npad / run).max(1)).enumerate() {
+            let (ky, kx) = (t / s.k, t % s.k);
+            for (q, o) in (0..npos).step_by(run).zip(row) {
+                let (g, oy, ox) = (q / p, q % p / wo, q % wo);
+                *o = (g * img + (oy * s.stride + ky) * wp + ox * s.stride + kx) as u32;
+            }
+        }
+        Table {
+            imgs,
+            npad,
+            run,
+            idx,
+        }
     }
-    let mut r = 0;
-    for plane in xpad.chunks_exact(hp * wp) {
-        for ky in 0..s.k {
-            for kx in 0..s.k {
+
+    /// Length of the packed columns of a full group.
+    fn len(&self, s: &Conv2d) -> usize {
+        s.cin * s.k * s.k * self.npad
+    }
+
+    /// The packed columns of the `g <= imgs` images `x` into `packed`, their padded copy
+    /// made in `xpad`.
+    fn fill<T: Real>(&self, s: &Conv2d, x: &[T], g: usize, xpad: &mut Vec<T>, packed: &mut [T]) {
+        match self.run {
+            8 => self.fill_runs::<T, 8>(s, x, g, xpad, packed),
+            4 => self.fill_runs::<T, 4>(s, x, g, xpad, packed),
+            2 => self.fill_runs::<T, 2>(s, x, g, xpad, packed),
+            _ => self.fill_runs::<T, 1>(s, x, g, xpad, packed),
+        }
+    }
+
+    fn fill_runs<T: Real, const L: usize>(
+        &self,
+        s: &Conv2d,
+        x: &[T],
+        g: usize,
+        xpad: &mut Vec<T>,
+        packed: &mut [T],
+    ) {
+        let (ho, wo) = s.out_hw();
+        let npad = (g * ho * wo).div_ceil(gemm::NR) * gemm::NR;
+        let kk = s.cin * s.k * s.k;
+        let plane = (s.h + 2 * s.pad) * (s.w + 2 * s.pad);
+        let group = Conv2d {
+            cin: g * s.cin,
+            ..*s
+        };
+        pad_image(&group, x, xpad);
+        // The unused lanes of a short group's last panel still read inside the buffer.
+        xpad.resize(self.imgs * s.cin * plane, T::zero());
+        for ci in 0..s.cin {
+            let src = &xpad[ci * plane..];
+            for t in 0..s.k * s.k {
+                let r = ci * s.k * s.k + t;
                 let p0 = r / gemm::KC * gemm::KC;
                 let panel_len = gemm::KC.min(kk - p0) * gemm::NR;
-                // Lane 0 of this row in the block's first panel.
                 let row0 = p0 * npad + (r - p0) * gemm::NR;
-                if wide {
-                    for (oy, dst) in row.chunks_exact_mut(wo).take(ho).enumerate() {
-                        gather(dst, &plane[(oy * s.stride + ky) * wp + kx..], s.stride);
-                    }
-                    for (panel, src) in row.chunks_exact(gemm::NR).enumerate() {
-                        let at = row0 + panel * panel_len;
-                        packed[at..at + gemm::NR].copy_from_slice(src);
-                    }
-                    r += 1;
-                    continue;
-                }
-                let mut q = 0;
-                for oy in 0..ho {
-                    let src = &plane[(oy * s.stride + ky) * wp + kx..];
-                    let mut ox = 0;
-                    while ox < wo {
-                        let lane = q % gemm::NR;
-                        let len = (gemm::NR - lane).min(wo - ox);
-                        let at = row0 + q / gemm::NR * panel_len + lane;
-                        gather(&mut packed[at..at + len], &src[s.stride * ox..], s.stride);
-                        ox += len;
-                        q += len;
+                let runs = self.idx[t * self.npad / L..][..npad / L].chunks_exact(gemm::NR / L);
+                for (jp, runs) in runs.enumerate() {
+                    let dst = &mut packed[row0 + jp * panel_len..][..gemm::NR];
+                    for (d, &o) in dst.chunks_exact_mut(L).zip(runs) {
+                        let v: &[T; L] = src[o as usize..][..L].try_into().expect("a run");
+                        d.copy_from_slice(v);
                     }
                 }
-                if p < npad {
-                    let at = row0 + p / gemm::NR * panel_len + p % gemm::NR;
-                    packed[at..at + npad - p].fill(T::zero());
-                }
-                r += 1;
             }
         }
     }
 }
 
-/// `dst = src` for the short runs of [`im2col_packed`] (at most `NR` values): whole
+/// `dst = src` for short rows (at most `NR` values): whole
 /// 8-value chunks as fixed-size copies, the rest one by one, so no run becomes a `memcpy`
 /// call (measured: the call cost more than the copy).
 #[inline(always)]
@@ -502,78 +556,128 @@ fn forward_then<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: Option<&mut [T]>, norm
             cs: 1,
         },
     );
-    let implicit = is_implicit(s).then(|| Implicit::new(s));
-    let col_len = match &implicit {
-        _ if s.cin == 0 || is_pointwise(s) => 0,
-        Some(im) => s.cout * im.positions(s),
-        None => gemm::rhs_packed_len(kk, p),
+    let cols = if s.cin == 0 {
+        Columns::None
+    } else if is_pointwise(s) {
+        Columns::Pointwise
+    } else if is_implicit(s) {
+        Columns::Implicit(Implicit::new(s))
+    } else {
+        Columns::Table(Table::new(s))
+    };
+    let (col_len, group) = match &cols {
+        Columns::None | Columns::Pointwise => (0, 1),
+        Columns::Implicit(im) => (s.cout * im.positions(s), 1),
+        Columns::Table(t) => (t.len(s), t.imgs),
     };
     let x_img = s.cin * s.h * s.w;
-    ys.into_par_iter()
-        .zip(norms)
+    ys.par_chunks_mut(group)
+        .zip(norms.par_chunks_mut(group))
         .enumerate()
-        .for_each(|(img, (y, norm))| {
-            let x = &x[img * x_img..(img + 1) * x_img];
+        .for_each(|(gi, (ys, norms))| {
+            let g = ys.len();
+            let x = &x[gi * group * x_img..][..g * x_img];
             with_scratch(col_len, |sc: &mut Scratch<T>| {
                 let mut out = std::mem::take(&mut sc.out);
-                let y = match y {
-                    Some(y) => y,
-                    None => {
-                        out.resize(s.cout * p, T::zero());
-                        &mut out[..]
+                let mut gout = std::mem::take(&mut sc.gout);
+                // A group of several images: one GEMM for all, each image's part copied out.
+                if let (Columns::Table(t), true) = (&cols, g > 1) {
+                    let n = g * p;
+                    t.fill(s, x, g, &mut sc.xpad, &mut sc.col[..col_len]);
+                    let b = gemm::Rhs::Packed(&sc.col[..col_len]);
+                    gout.resize(s.cout * n, T::zero());
+                    gemm::multiply(
+                        s.cout,
+                        n,
+                        kk,
+                        &wp,
+                        b,
+                        &mut gout,
+                        &mut sc.gemm,
+                        gemm::Out::Store,
+                    );
+                }
+                for (i, (y, norm)) in ys.iter_mut().zip(norms.iter_mut()).enumerate() {
+                    let y = match y.take() {
+                        Some(y) => y,
+                        None => {
+                            out.resize(s.cout * p, T::zero());
+                            &mut out[..]
+                        }
+                    };
+                    if g > 1 {
+                        for (dst, src) in y.chunks_exact_mut(p).zip(gout.chunks_exact(g * p)) {
+                            dst.copy_from_slice(&src[i * p..][..p]);
+                        }
+                    } else {
+                        image_forward(s, x, &wp, &cols, col_len, y, sc);
                     }
-                };
-                image_forward(s, x, &wp, implicit.as_ref(), col_len, y, sc);
-                if let (Some((post, mean, rstd)), Some((eps, relu, gamma, beta))) = (norm, affine) {
-                    norm::instance_forward_image(eps, relu, y, gamma, beta, post, mean, rstd);
+                    if let (Some((post, mean, rstd)), Some((eps, relu, gamma, beta))) =
+                        (norm.take(), affine)
+                    {
+                        norm::instance_forward_image(eps, relu, y, gamma, beta, post, mean, rstd);
+                    }
                 }
                 sc.out = out;
+                sc.gout = gout;
             })
         });
 }
 
+/// How a forward convolution gets its columns.
+enum Columns {
+    /// No input channels: the output is zero.
+    None,
+    /// The image is its own columns ([`is_pointwise`]).
+    Pointwise,
+    /// Read in place from phase planes.
+    Implicit(Implicit),
+    /// Gathered into the packed layout, a group of images per GEMM.
+    Table(Table),
+}
+
 /// One image of [`forward`]: `y [cout, ho wo]` from `x [cin, h, w]` and the packed weight.
-#[allow(clippy::too_many_arguments)]
 fn image_forward<T: Real>(
     s: &Conv2d,
     x: &[T],
     wp: &[T],
-    implicit: Option<&Implicit>,
+    cols: &Columns,
     col_len: usize,
     y: &mut [T],
     sc: &mut Scratch<T>,
 ) {
     let (ho, wo) = s.out_hw();
     let (kk, p) = (s.cin * s.k * s.k, ho * wo);
-    if s.cin == 0 {
-        y.fill(T::zero());
-        return;
-    }
-    if let Some(im) = implicit {
-        let q = im.positions(s);
-        im.fill(s, x, &mut sc.xpad);
-        let b = gemm::Rhs::Rows {
-            base: &sc.xpad,
-            offs: &im.offs,
-        };
-        let yq = &mut sc.col[..col_len];
-        gemm::multiply(s.cout, q, kk, wp, b, yq, &mut sc.gemm, gemm::Out::Store);
-        for (y, yq) in y.chunks_exact_mut(p).zip(yq.chunks_exact(q)) {
-            for (dst, src) in y.chunks_exact_mut(wo).zip(yq.chunks_exact(im.wph)) {
-                dst.copy_from_slice(&src[..wo]);
-            }
+    let b = match cols {
+        Columns::None => {
+            y.fill(T::zero());
+            return;
         }
-        return;
-    }
-    let b = if is_pointwise(s) {
-        gemm::Rhs::Strided(Mat {
+        Columns::Implicit(im) => {
+            let q = im.positions(s);
+            im.fill(s, x, &mut sc.xpad);
+            let b = gemm::Rhs::Rows {
+                base: &sc.xpad,
+                offs: &im.offs,
+            };
+            let yq = &mut sc.col[..col_len];
+            gemm::multiply(s.cout, q, kk, wp, b, yq, &mut sc.gemm, gemm::Out::Store);
+            for (y, yq) in y.chunks_exact_mut(p).zip(yq.chunks_exact(q)) {
+                for (dst, src) in y.chunks_exact_mut(wo).zip(yq.chunks_exact(im.wph)) {
+                    dst.copy_from_slice(&src[..wo]);
+                }
+            }
+            return;
+        }
+        Columns::Pointwise => gemm::Rhs::Strided(Mat {
             data: x,
             rs: p,
             cs: 1,
-        })
-    } else {
-        im2col_packed(s, x, &mut sc.xpad, &mut sc.row, &mut sc.col[..col_len]);
-        gemm::Rhs::Packed(&sc.col[..col_len])
+        }),
+        Columns::Table(t) => {
+            t.fill(s, x, 1, &mut sc.xpad, &mut sc.col[..col_len]);
+            gemm::Rhs::Packed(&sc.col[..col_len])
+        }
     };
     gemm::multiply(s.cout, p, kk, wp, b, y, &mut sc.gemm, gemm::Out::Store);
 }
@@ -591,9 +695,9 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
         return;
     }
     // With stride 1 this is itself a stride-1 convolution of `dy`, padded by `k - 1 - pad`,
-    // with the kernel flipped and its channel axes swapped: where that one reads its columns
-    // in place, it runs as a forward pass (no columns, no col2im). (Stride 2 would be a
-    // convolution of `dy` with zeros between its values.)
+    // with the kernel flipped and its channel axes swapped: it runs as a forward pass (no
+    // col2im; columns in place or gathered a group of images at a time). (Stride 2 would be
+    // a convolution of `dy` with zeros between its values.)
     if s.stride == 1 && s.pad < s.k {
         let t = Conv2d {
             cin: s.cout,
@@ -603,20 +707,18 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
             pad: s.k - 1 - s.pad,
             ..*s
         };
-        if is_implicit(&t) {
-            let taps = s.k * s.k;
-            let mut flipped = vec![T::zero(); w.len()];
-            for (co, w) in w.chunks_exact(s.cin * taps).enumerate() {
-                for (ci, w) in w.chunks_exact(taps).enumerate() {
-                    let dst = &mut flipped[(ci * s.cout + co) * taps..][..taps];
-                    dst.iter_mut()
-                        .zip(w.iter().rev())
-                        .for_each(|(d, &v)| *d = v);
-                }
+        let taps = s.k * s.k;
+        let mut flipped = vec![T::zero(); w.len()];
+        for (co, w) in w.chunks_exact(s.cin * taps).enumerate() {
+            for (ci, w) in w.chunks_exact(taps).enumerate() {
+                let dst = &mut flipped[(ci * s.cout + co) * taps..][..taps];
+                dst.iter_mut()
+                    .zip(w.iter().rev())
+                    .for_each(|(d, &v)| *d = v);
             }
-            forward(&t, dy, &flipped, dx);
-            return;
         }
+        forward(&t, dy, &flipped, dx);
+        return;
     }
     // The transposed weight is packed once for the whole batch.
     let wt = gemm::pack_lhs(
@@ -1101,7 +1203,7 @@ mod gemm {
     }
 
     /// The right operand: read through strides and packed block by block, or already in
-    /// the packed layout (see [`super::im2col_packed`]).
+    /// the packed layout (see [`super::Table`]).
     #[derive(Clone, Copy)]
     pub enum Rhs<'a, T> {
         Strided(Mat<'a, T>),
@@ -1113,11 +1215,6 @@ mod gemm {
             base: &'a [T],
             offs: &'a [usize],
         },
-    }
-
-    /// Length of `B [k, n]` in the packed layout.
-    pub fn rhs_packed_len(k: usize, n: usize) -> usize {
-        k * n.div_ceil(NR) * NR
     }
 
     /// What [`multiply`] does with `C`.
@@ -1478,6 +1575,10 @@ mod tests {
         gradient_case(shape(2, 3, 9, 30, 4, 3, 2, 1), 1049); // k3 s2, in place from phases
         gradient_case(shape(2, 1, 11, 41, 3, 7, 2, 3), 1051); // stem-like, odd sizes
         gradient_case(shape(1, 2, 2, 2, 3, 3, 2, 1), 1050); // 2x2 map, window beyond both edges
+        gradient_case(shape(5, 3, 3, 4, 4, 3, 1, 1), 1052); // 3x4: groups of 4, a short one
+        gradient_case(shape(3, 2, 6, 8, 3, 3, 1, 1), 1053); // 6x8: gathered in runs of 8
+        gradient_case(shape(3, 2, 5, 6, 3, 3, 1, 1), 1054); // runs of 2
+        gradient_case(shape(5, 3, 6, 8, 4, 3, 2, 1), 1055); // stride 2 to 3x4: grouped, by lane
     }
 
     #[test]
@@ -1488,6 +1589,8 @@ mod tests {
             shape(2, 41, 40, 28, 131, 3, 1, 1),
             shape(2, 3, 35, 33, 17, 7, 2, 3),
             shape(2, 6, 35, 81, 17, 7, 2, 3), // columns in place, 6 7 7 crosses a KC block
+            shape(7, 40, 3, 4, 20, 3, 1, 1),  // groups of 4 images (one short), 40 3 3 > KC
+            shape(6, 40, 6, 8, 20, 1, 2, 0),  // 1x1 s2 to 3x4: groups, one offset per lane
         ] {
             let (xl, wl, yl) = len(&s);
             let x = random(xl, 7);
@@ -1534,6 +1637,28 @@ mod tests {
         ];
         for (s, want) in paper.into_iter().chain(tests.map(|s| (s, true))) {
             assert_eq!(is_implicit(&s), want, "{s:?}");
+        }
+    }
+
+    /// How the other layers gather their columns: the paper encoder's narrow maps in groups
+    /// of images that fill whole register tiles, in runs along the output rows where the
+    /// stride is 1.
+    #[test]
+    fn narrow_maps_gathered_a_group_of_images_at_a_time() {
+        let paper = [
+            (shape(306, 64, 6, 8, 64, 3, 1, 1), 1, 8),
+            (shape(306, 128, 3, 4, 128, 3, 1, 1), 4, 4),
+            (shape(306, 64, 6, 8, 128, 3, 2, 1), 4, 1),
+            (shape(306, 64, 6, 8, 128, 1, 2, 0), 4, 1),
+            (shape(306, 16, 24, 29, 32, 1, 2, 0), 1, 1),
+            // Three images: no group wastes fewer lanes than one image alone.
+            (shape(3, 128, 3, 4, 128, 3, 1, 1), 1, 4),
+        ];
+        for (s, imgs, run) in paper {
+            let t = Table::new(&s);
+            assert_eq!((t.imgs, t.run), (imgs, run), "{s:?}");
+            let (ho, wo) = s.out_hw();
+            assert_eq!(t.npad, (imgs * ho * wo).div_ceil(gemm::NR) * gemm::NR);
         }
     }
 
