@@ -15,9 +15,9 @@ use std::cell::RefCell;
 /// at half the speed).
 const WEIGHT_CHUNKS: usize = 8;
 
-/// Output positions per image from which the weight gradient uses [`dots`] (measured: at
-/// 12 positions the GEMM is 5x faster, from about 180 the dot kernel wins).
-const DOTS_MIN_POSITIONS: usize = 64;
+/// Positions per group of images in the weight gradient's dot products (see
+/// [`backward_weight`]): maps with more are summed one image at a time.
+const GROUP_POSITIONS: usize = 252;
 
 /// A read-only matrix over a slice: element `(i, j)` is `data[i * rs + j * cs]`, which lets
 /// the GEMM read transposed operands (the weight in backward-data, the columns in
@@ -39,7 +39,6 @@ struct Scratch<T> {
     /// The output of a group of images' GEMM ([`Table`]), before it is split per image.
     gout: Vec<T>,
     xpad: Vec<T>,
-    lhs: Vec<T>,
     gemm: gemm::Packs<T>,
 }
 
@@ -50,7 +49,6 @@ impl<T: Real> Scratch<T> {
             out: Vec::new(),
             gout: Vec::new(),
             xpad: Vec::new(),
-            lhs: Vec::new(),
             gemm: gemm::Packs::new(),
         }
     }
@@ -235,16 +233,20 @@ fn pad_image<T: Real>(s: &Conv2d, x: &[T], xp: &mut Vec<T>) {
 }
 
 /// The column matrix `col[(ci k + ky) k + kx][oy wo + ox] = x[ci][oy s - p + ky][ox s - p +
-/// kx]` (0 outside), read from a zero-padded copy of the image (made in `xpad`).
-fn im2col<T: Real>(s: &Conv2d, x: &[T], xpad: &mut Vec<T>, col: &mut [T]) {
+/// kx]` (0 outside), its rows `ld` apart, read from a zero-padded copy of the image (made in
+/// `xpad`). Kept out of line: inlined into the weight gradient's loop it measured 12 %
+/// slower there (stage 4).
+#[inline(never)]
+fn im2col<T: Real>(s: &Conv2d, x: &[T], xpad: &mut Vec<T>, col: &mut [T], ld: usize) {
     let (ho, wo) = s.out_hw();
     let (hp, wp) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
     pad_image(s, x, xpad);
-    let mut rows = col.chunks_exact_mut(ho * wo);
+    let mut r = 0;
     for plane in xpad.chunks_exact(hp * wp) {
         for ky in 0..s.k {
             for kx in 0..s.k {
-                let row = rows.next().expect("a column row per tap");
+                let row = &mut col[r * ld..][..ho * wo];
+                r += 1;
                 for (oy, dst) in row.chunks_exact_mut(wo).enumerate() {
                     gather(dst, &plane[(oy * s.stride + ky) * wp + kx..], s.stride);
                 }
@@ -586,16 +588,7 @@ fn forward_then<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: Option<&mut [T]>, norm
                     t.fill(s, x, g, &mut sc.xpad, &mut sc.col[..col_len]);
                     let b = gemm::Rhs::Packed(&sc.col[..col_len]);
                     gout.resize(s.cout * n, T::zero());
-                    gemm::multiply(
-                        s.cout,
-                        n,
-                        kk,
-                        &wp,
-                        b,
-                        &mut gout,
-                        &mut sc.gemm,
-                        gemm::Out::Store,
-                    );
+                    gemm::multiply(s.cout, n, kk, &wp, b, &mut gout, &mut sc.gemm);
                 }
                 for (i, (y, norm)) in ys.iter_mut().zip(norms.iter_mut()).enumerate() {
                     let y = match y.take() {
@@ -661,7 +654,7 @@ fn image_forward<T: Real>(
                 offs: &im.offs,
             };
             let yq = &mut sc.col[..col_len];
-            gemm::multiply(s.cout, q, kk, wp, b, yq, &mut sc.gemm, gemm::Out::Store);
+            gemm::multiply(s.cout, q, kk, wp, b, yq, &mut sc.gemm);
             for (y, yq) in y.chunks_exact_mut(p).zip(yq.chunks_exact(q)) {
                 for (dst, src) in y.chunks_exact_mut(wo).zip(yq.chunks_exact(im.wph)) {
                     dst.copy_from_slice(&src[..wo]);
@@ -679,7 +672,7 @@ fn image_forward<T: Real>(
             gemm::Rhs::Packed(&sc.col[..col_len])
         }
     };
-    gemm::multiply(s.cout, p, kk, wp, b, y, &mut sc.gemm, gemm::Out::Store);
+    gemm::multiply(s.cout, p, kk, wp, b, y, &mut sc.gemm);
 }
 
 /// `dx = w^T dy`: per image `dCol [cin k k, ho wo] = W^T dY`, then [`col2im`].
@@ -742,10 +735,10 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T]) {
                 });
                 let wt = &wt[..];
                 if is_pointwise(s) {
-                    gemm::multiply(kk, p, s.cout, wt, b, dx, &mut sc.gemm, gemm::Out::Store);
+                    gemm::multiply(kk, p, s.cout, wt, b, dx, &mut sc.gemm);
                 } else {
                     let col = &mut sc.col[..col_len];
-                    gemm::multiply(kk, p, s.cout, wt, b, col, &mut sc.gemm, gemm::Out::Store);
+                    gemm::multiply(kk, p, s.cout, wt, b, col, &mut sc.gemm);
                     col2im(s, col, &mut sc.xpad, dx);
                 }
             })
@@ -765,50 +758,74 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
     let per_chunk = s.n.div_ceil(WEIGHT_CHUNKS);
     let chunks = s.n.div_ceil(per_chunk);
     let (x_img, y_img) = (s.cin * s.h * s.w, s.cout * p);
-    let col_len = if is_pointwise(s) { 0 } else { kk * p };
     // Both operands run along the output positions, the sum's index: a dot-product kernel
-    // reads them in place where a GEMM would transpose both, but its lane sums cost too
-    // much on short rows (deep, small maps).
-    let use_dots = p >= DOTS_MIN_POSITIONS;
+    // reads them in place where a GEMM would transpose both. Where the forward pass reads
+    // its columns in place, so do the dot products: over the phase planes' width, against a
+    // copy of dY with zeros in the positions that wrap.
+    let implicit = is_implicit(s).then(|| Implicit::new(s));
+    // Small maps sum over a group of images at once, their positions side by side in both
+    // operands: a few positions per image would leave the lane sums at the end of each dot
+    // product dominant (measured: stage 3's 48 positions 15 % faster in groups of 10 than
+    // one by one, stage 4's 12 faster than a GEMM per image).
+    let group = if implicit.is_some() {
+        1
+    } else {
+        GROUP_POSITIONS.div_ceil(p)
+    };
+    let col_len = match &implicit {
+        Some(im) => s.cout * im.positions(s),
+        None if group == 1 && is_pointwise(s) => 0,
+        None => kk * group * p,
+    };
     let partials: Vec<Vec<T>> = (0..chunks)
         .into_par_iter()
         .map(|chunk| {
             let mut part = vec![T::zero(); s.cout * kk];
+            let images = chunk * per_chunk..((chunk + 1) * per_chunk).min(s.n);
             with_scratch(col_len, |sc: &mut Scratch<T>| {
-                for img in chunk * per_chunk..((chunk + 1) * per_chunk).min(s.n) {
-                    let x = &x[img * x_img..(img + 1) * x_img];
-                    let dy = &dy[img * y_img..(img + 1) * y_img];
-                    let cols = if is_pointwise(s) {
-                        x
-                    } else {
-                        im2col(s, x, &mut sc.xpad, &mut sc.col[..col_len]);
-                        &sc.col[..col_len]
-                    };
-                    if use_dots {
-                        dots::accumulate(s.cout, kk, p, dy, cols, &mut part);
-                    } else {
-                        let dy = Mat {
-                            data: dy,
-                            rs: p,
-                            cs: 1,
-                        };
-                        gemm::pack_lhs_into(s.cout, p, dy, &mut sc.lhs);
-                        let b = gemm::Rhs::Strided(Mat {
-                            data: cols,
-                            rs: 1,
-                            cs: p,
-                        });
-                        gemm::multiply(
-                            s.cout,
-                            kk,
-                            p,
-                            &sc.lhs,
-                            b,
-                            &mut part,
-                            &mut sc.gemm,
-                            gemm::Out::Add,
-                        );
+                let mut rows = Vec::new();
+                for g0 in images.clone().step_by(group) {
+                    let g = group.min(images.end - g0);
+                    let x = &x[g0 * x_img..(g0 + g) * x_img];
+                    let dy = &dy[g0 * y_img..(g0 + g) * y_img];
+                    if let Some(im) = &implicit {
+                        let q = im.positions(s);
+                        im.fill(s, x, &mut sc.xpad);
+                        let dyq = &mut sc.col[..col_len];
+                        for (dst, src) in dyq.chunks_exact_mut(im.wph).zip(dy.chunks_exact(wo)) {
+                            dst[..wo].copy_from_slice(src);
+                            dst[wo..].fill(T::zero());
+                        }
+                        dots::accumulate(s.cout, kk, q, dyq, &sc.xpad, &im.offs, &mut part);
+                        continue;
                     }
+                    // Row c of A: row c of each image's dY in turn; row r of B: row r of
+                    // each image's columns in turn (one image: its dY and columns as they
+                    // are, a pointwise layer's columns the image itself).
+                    let kq = g * p;
+                    rows.clear();
+                    rows.extend((0..kk).map(|r| r * kq));
+                    if g == 1 && is_pointwise(s) {
+                        dots::accumulate(s.cout, kk, kq, dy, x, &rows, &mut part);
+                        continue;
+                    }
+                    let cols = &mut sc.col[..kk * kq];
+                    for (i, x) in x.chunks_exact(x_img).enumerate() {
+                        im2col(s, x, &mut sc.xpad, &mut cols[i * p..], kq);
+                    }
+                    let dyg = if g == 1 {
+                        dy
+                    } else {
+                        sc.out.resize(s.cout * kq, T::zero());
+                        for (i, dy) in dy.chunks_exact(y_img).enumerate() {
+                            let dst = sc.out.chunks_exact_mut(kq);
+                            for (dst, src) in dst.zip(dy.chunks_exact(p)) {
+                                dst[i * p..][..p].copy_from_slice(src);
+                            }
+                        }
+                        &sc.out[..]
+                    };
+                    dots::accumulate(s.cout, kk, kq, dyg, cols, &rows, &mut part);
                 }
             });
             part
@@ -821,8 +838,9 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
     }
 }
 
-/// `C [m, n] += A B^T` for row-major `A [m, k]` and `B [n, k]`: the weight gradient, where
-/// both operands are contiguous along the summed index. A register tile of 4 x 3 dot
+/// `C [m, n] += A B^T` for row-major `A [m, k]` and `B [n, k]`, row `j` of `B` at
+/// `b[offs[j]..]` (the rows of a column matrix, or read in place from an image's phase
+/// planes): the weight gradient, where both operands are contiguous along the summed index. A register tile of 4 x 3 dot
 /// products, 8 lanes of `k` at a time, the lanes summed in a fixed order at the end of each
 /// block of `k` and the `k % 8` tail added last, so the order never depends on threads.
 mod dots {
@@ -831,10 +849,21 @@ mod dots {
 
     /// Summed index per block: keeps a tile's rows (7 x 2 KB) in L1 while the tile sweeps.
     const KB: usize = 512;
+    /// Rows of B per block (a multiple of the tile's 3): 252 KB of B at most.
+    const NB: usize = 126;
 
-    pub fn accumulate<T: Real>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mut [T]) {
+    pub fn accumulate<T: Real>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[T],
+        b: &[T],
+        offs: &[usize],
+        c: &mut [T],
+    ) {
+        let b_end = offs[..n].iter().map(|&o| o + k).max().unwrap_or(0);
         assert!(
-            a.len() >= m * k && b.len() >= n * k && c.len() >= m * n,
+            a.len() >= m * k && b.len() >= b_end && c.len() >= m * n,
             "dots: lengths"
         );
         #[cfg(target_arch = "x86_64")]
@@ -851,12 +880,12 @@ mod dots {
                 )
             };
             // SAFETY: AVX2 and FMA checked above; lengths asserted above.
-            unsafe { accumulate_f32_avx2(m, n, k, a, b, c) };
+            unsafe { accumulate_f32_avx2(m, n, k, a, b, offs, c) };
             return;
         }
         for i in 0..m {
             for j in 0..n {
-                let (ai, bj) = (&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+                let (ai, bj) = (&a[i * k..(i + 1) * k], &b[offs[j]..offs[j] + k]);
                 c[i * n + j] += ai.iter().zip(bj).fold(T::zero(), |s, (&x, &y)| s + x * y);
             }
         }
@@ -870,37 +899,38 @@ mod dots {
         k: usize,
         a: &[f32],
         b: &[f32],
+        offs: &[usize],
         c: &mut [f32],
     ) {
         let k8 = k / 8 * 8;
         for p0 in (0..k8).step_by(KB) {
             let kb = KB.min(k8 - p0);
-            let mut i = 0;
-            while i < m {
-                let mut j = 0;
-                if i + 4 <= m {
-                    while j + 3 <= n {
-                        // SAFETY: rows i..i+4 and j..j+3 exist, p0 + kb <= k.
-                        unsafe { tile::<4, 3>(i, j, p0, kb, k, n, a, b, c) };
-                        j += 3;
+            // B in blocks of rows that stay in L2 while every row of A passes them (B is
+            // the larger operand: the columns' `cin k k` rows against dY's `cout`).
+            for j0 in (0..n).step_by(NB) {
+                let j1 = (j0 + NB).min(n);
+                let mut i = 0;
+                while i < m {
+                    let mi = if i + 4 <= m { 4 } else { 1 };
+                    let mut j = j0;
+                    while j < j1 {
+                        // SAFETY: rows i..i+mi and j..j+3 (or j) exist, p0 + kb <= k.
+                        match (mi, j + 3 <= j1) {
+                            (4, true) => unsafe { tile::<4, 3>(i, j, p0, kb, k, n, a, b, offs, c) },
+                            (4, false) => unsafe {
+                                tile::<4, 1>(i, j, p0, kb, k, n, a, b, offs, c)
+                            },
+                            _ => unsafe { tile::<1, 1>(i, j, p0, kb, k, n, a, b, offs, c) },
+                        }
+                        j += if mi == 4 && j + 3 <= j1 { 3 } else { 1 };
                     }
-                    while j < n {
-                        unsafe { tile::<4, 1>(i, j, p0, kb, k, n, a, b, c) };
-                        j += 1;
-                    }
-                    i += 4;
-                } else {
-                    while j < n {
-                        unsafe { tile::<1, 1>(i, j, p0, kb, k, n, a, b, c) };
-                        j += 1;
-                    }
-                    i += 1;
+                    i += mi;
                 }
             }
         }
         for i in 0..m {
             for j in 0..n {
-                let (ai, bj) = (&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+                let (ai, bj) = (&a[i * k..(i + 1) * k], &b[offs[j]..offs[j] + k]);
                 c[i * n + j] += ai[k8..]
                     .iter()
                     .zip(&bj[k8..])
@@ -921,15 +951,19 @@ mod dots {
         n: usize,
         a: &[f32],
         b: &[f32],
+        offs: &[usize],
         c: &mut [f32],
     ) {
         use std::arch::x86_64::*;
         let mut acc = [[_mm256_setzero_ps(); NJ]; MI];
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let ap = a.as_ptr();
+        // SAFETY: the caller guarantees rows `j0..j0 + NJ` of `B` hold `k` values each.
+        let rows: [*const f32; NJ] =
+            std::array::from_fn(|j| unsafe { b.as_ptr().add(offs[j0 + j]) });
         for p in (p0..p0 + kb).step_by(8) {
             // SAFETY: the caller guarantees these rows exist and p + 8 <= k.
             let bv: [__m256; NJ] =
-                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(bp.add((j0 + j) * k + p)) });
+                std::array::from_fn(|j| unsafe { _mm256_loadu_ps(rows[j].add(p)) });
             for (i, acc) in acc.iter_mut().enumerate() {
                 let av = unsafe { _mm256_loadu_ps(ap.add((i0 + i) * k + p)) };
                 for (acc, bv) in acc.iter_mut().zip(&bv) {
@@ -971,8 +1005,8 @@ mod gemm {
     const NC: usize = 1024;
 
     /// The packing buffer of the right operand, kept by the caller so repeated GEMMs do
-    /// not allocate. (The left operand is packed once by [`pack_lhs`]: it is the weight or
-    /// one image's output gradient, used by many GEMMs.)
+    /// not allocate. (The left operand, the weight, is packed once by [`pack_lhs`] for the
+    /// GEMMs of a whole batch.)
     pub struct Packs<T> {
         b: Vec<T>,
     }
@@ -1185,21 +1219,13 @@ mod gemm {
     /// `A [m, k]` packed for [`multiply`]: per block of `KC` summed indices, every `MR`-row
     /// panel in turn (rows zero-padded to a multiple of `MR`).
     pub fn pack_lhs<T: Real>(m: usize, k: usize, a: Mat<T>) -> Vec<T> {
-        let mut out = Vec::new();
-        pack_lhs_into(m, k, a, &mut out);
-        out
-    }
-
-    /// [`pack_lhs`] into a buffer kept by the caller (grown as needed).
-    pub fn pack_lhs_into<T: Real>(m: usize, k: usize, a: Mat<T>, out: &mut Vec<T>) {
         let mpad = m.div_ceil(MR) * MR;
-        if out.len() < mpad * k {
-            out.resize(mpad * k, T::zero());
-        }
+        let mut out = vec![T::zero(); mpad * k];
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
             pack_a(a, 0, m, p0, kc, &mut out[p0 * mpad..]);
         }
+        out
     }
 
     /// The right operand: read through strides and packed block by block, or already in
@@ -1217,17 +1243,9 @@ mod gemm {
         },
     }
 
-    /// What [`multiply`] does with `C`.
-    #[derive(Clone, Copy, PartialEq)]
-    pub enum Out {
-        /// `C += A B`.
-        Add,
-        /// `C = A B`, without reading `C` (the first block of `k` stores where the others
-        /// add), which saves clearing it first.
-        Store,
-    }
-
-    /// `C [m, n] (+)= A [m, k] B [k, n]`, on the fastest kernel this processor has.
+    /// `C [m, n] = A [m, k] B [k, n]`, on the fastest kernel this processor has. `C` is
+    /// not read (the first block of `k` stores where the others add), which saves clearing
+    /// it first.
     #[allow(clippy::too_many_arguments)]
     pub fn multiply<T: Real>(
         m: usize,
@@ -1237,13 +1255,11 @@ mod gemm {
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
-        out: Out,
     ) {
         assert!(c.len() >= m * n, "gemm: C too short");
-        if k == 0 && out == Out::Store {
+        if k == 0 {
             c[..m * n].fill(T::zero());
         }
-        let overwrite = out == Out::Store;
         assert!(
             a.len() >= m.div_ceil(MR) * MR * k,
             "gemm: packed A too short"
@@ -1273,16 +1289,16 @@ mod gemm {
                     )
                 };
                 // SAFETY: AVX2 and FMA checked above.
-                unsafe { accumulate_f32_avx2(m, n, k, a, b, c, packs, overwrite) };
+                unsafe { accumulate_f32_avx2(m, n, k, a, b, c, packs) };
                 return;
             }
             if fma {
                 // SAFETY: AVX2 and FMA checked above.
-                unsafe { accumulate_fma(m, n, k, a, b, c, packs, overwrite) };
+                unsafe { accumulate_fma(m, n, k, a, b, c, packs) };
                 return;
             }
         }
-        blocked::<T, Portable<false>>(m, n, k, a, b, c, packs, overwrite);
+        blocked::<T, Portable<false>>(m, n, k, a, b, c, packs);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -1295,9 +1311,8 @@ mod gemm {
         b: Rhs<f32>,
         c: &mut [f32],
         packs: &mut Packs<f32>,
-        overwrite: bool,
     ) {
-        blocked::<f32, Avx2>(m, n, k, a, b, c, packs, overwrite);
+        blocked::<f32, Avx2>(m, n, k, a, b, c, packs);
     }
 
     /// Other float types (f64 in the tests) with hardware FMA, so they round as f32 does.
@@ -1311,9 +1326,8 @@ mod gemm {
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
-        overwrite: bool,
     ) {
-        blocked::<T, Portable<true>>(m, n, k, a, b, c, packs, overwrite);
+        blocked::<T, Portable<true>>(m, n, k, a, b, c, packs);
     }
 
     /// Packs `A[i0.., p0..]` (`mc x kc`) as `MR`-row panels, each `kc` steps of `MR` values,
@@ -1376,8 +1390,7 @@ mod gemm {
         }
     }
 
-    /// The blocked product; `overwrite` stores the first block of `k` into `C` instead of
-    /// adding it.
+    /// The blocked product: the first block of `k` is stored into `C`, the others added.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn blocked<T: Real, K: Tile<T>>(
@@ -1388,7 +1401,6 @@ mod gemm {
         b: Rhs<T>,
         c: &mut [T],
         packs: &mut Packs<T>,
-        overwrite: bool,
     ) {
         let kc_max = KC.min(k);
         let b_len = match b {
@@ -1432,7 +1444,7 @@ mod gemm {
                             .enumerate()
                         {
                             let ii = i0 + ip * MR;
-                            let store = overwrite && p0 == 0;
+                            let store = p0 == 0;
                             if cols == NR && ii + MR <= m {
                                 K::tile_into(kc, ap, bp, &mut c[ii * n + jj..], n, store);
                                 continue;
@@ -1579,6 +1591,8 @@ mod tests {
         gradient_case(shape(3, 2, 6, 8, 3, 3, 1, 1), 1053); // 6x8: gathered in runs of 8
         gradient_case(shape(3, 2, 5, 6, 3, 3, 1, 1), 1054); // runs of 2
         gradient_case(shape(5, 3, 6, 8, 4, 3, 2, 1), 1055); // stride 2 to 3x4: grouped, by lane
+        gradient_case(shape(20, 3, 3, 4, 4, 3, 1, 1), 1056); // dW summed over groups of 3 images
+        gradient_case(shape(19, 2, 4, 5, 3, 1, 2, 0), 1057); // the same for a strided 1x1
     }
 
     #[test]
@@ -1716,6 +1730,7 @@ mod tests {
         for s in [
             shape(70, 1, 24, 29, 16, 7, 2, 3),
             shape(40, 16, 12, 15, 32, 3, 2, 1),
+            shape(40, 24, 3, 4, 32, 3, 1, 1), // groups of images in the GEMM and in dW
         ] {
             let (xl, wl, yl) = len(&s);
             let (x, w, dy) = (random(xl, 11), random(wl, 12), random(yl, 13));
