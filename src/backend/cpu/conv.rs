@@ -840,9 +840,10 @@ pub fn backward_weight<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T]) {
 
 /// `C [m, n] += A B^T` for row-major `A [m, k]` and `B [n, k]`, row `j` of `B` at
 /// `b[offs[j]..]` (the rows of a column matrix, or read in place from an image's phase
-/// planes): the weight gradient, where both operands are contiguous along the summed index. A register tile of 4 x 3 dot
-/// products, 8 lanes of `k` at a time, the lanes summed in a fixed order at the end of each
-/// block of `k` and the `k % 8` tail added last, so the order never depends on threads.
+/// planes): the weight gradient, where both operands are contiguous along the summed index.
+/// A register tile of 4 x 3 dot products, 8 lanes of `k` at a time (the last `k % 8`
+/// masked: a scalar tail took 40 % of stage 2's time), the lanes summed in a fixed order at
+/// the end of each block of `k`, so the order never depends on threads.
 mod dots {
     use super::Real;
     use std::any::TypeId;
@@ -902,9 +903,8 @@ mod dots {
         offs: &[usize],
         c: &mut [f32],
     ) {
-        let k8 = k / 8 * 8;
-        for p0 in (0..k8).step_by(KB) {
-            let kb = KB.min(k8 - p0);
+        for p0 in (0..k).step_by(KB) {
+            let kb = KB.min(k - p0);
             // B in blocks of rows that stay in L2 while every row of A passes them (B is
             // the larger operand: the columns' `cin k k` rows against dY's `cout`).
             for j0 in (0..n).step_by(NB) {
@@ -928,18 +928,10 @@ mod dots {
                 }
             }
         }
-        for i in 0..m {
-            for j in 0..n {
-                let (ai, bj) = (&a[i * k..(i + 1) * k], &b[offs[j]..offs[j] + k]);
-                c[i * n + j] += ai[k8..]
-                    .iter()
-                    .zip(&bj[k8..])
-                    .fold(0.0, |s, (&x, &y)| x.mul_add(y, s));
-            }
-        }
     }
 
-    /// `MI x NJ` dot products over `k` indices `p0..p0 + kb` (`kb` a multiple of 8).
+    /// `MI x NJ` dot products over `k` indices `p0..p0 + kb`, 8 at a time, the last
+    /// `kb % 8` through masked loads (which read nothing past them).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const MI: usize, const NJ: usize>(
@@ -960,12 +952,30 @@ mod dots {
         // SAFETY: the caller guarantees rows `j0..j0 + NJ` of `B` hold `k` values each.
         let rows: [*const f32; NJ] =
             std::array::from_fn(|j| unsafe { b.as_ptr().add(offs[j0 + j]) });
-        for p in (p0..p0 + kb).step_by(8) {
+        let end = p0 + kb / 8 * 8;
+        for p in (p0..end).step_by(8) {
             // SAFETY: the caller guarantees these rows exist and p + 8 <= k.
             let bv: [__m256; NJ] =
                 std::array::from_fn(|j| unsafe { _mm256_loadu_ps(rows[j].add(p)) });
             for (i, acc) in acc.iter_mut().enumerate() {
                 let av = unsafe { _mm256_loadu_ps(ap.add((i0 + i) * k + p)) };
+                for (acc, bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm256_fmadd_ps(av, *bv, *acc);
+                }
+            }
+        }
+        let rem = (kb % 8) as i32;
+        if rem > 0 {
+            let mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(rem),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            // SAFETY: lanes `end..end + rem` exist (end + rem = p0 + kb <= k); the masked
+            // lanes are not read.
+            let bv: [__m256; NJ] =
+                std::array::from_fn(|j| unsafe { _mm256_maskload_ps(rows[j].add(end), mask) });
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = unsafe { _mm256_maskload_ps(ap.add((i0 + i) * k + end), mask) };
                 for (acc, bv) in acc.iter_mut().zip(&bv) {
                     *acc = _mm256_fmadd_ps(av, *bv, *acc);
                 }
