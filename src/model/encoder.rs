@@ -515,9 +515,10 @@ pub fn backward_with_skips<B: Backend>(
             true,
         )
         .unwrap_or_else(|| be.zeros(0));
-        let mut dx = be.zeros(be.len(input));
+        // dx = dmain + the skip path's gradient, in place (no zeroed buffer, one pass).
+        let mut dx = dmain;
         let skip_grad = dskip.as_ref().unwrap_or(&g);
-        be.add(all(be, &dmain), all(be, skip_grad), all_mut(be, &mut dx));
+        be.axpy(1.0, all(be, skip_grad), all_mut(be, &mut dx));
         d = dx;
     }
     add_skip(1, &mut d);
