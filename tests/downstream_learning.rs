@@ -90,6 +90,10 @@ fn clinical() -> &'static Path {
 
 /// CN vs AD (AD: a 20-30 % smaller hippocampus and more global atrophy than age gives): the
 /// lower end of the AUC's bootstrap interval over the 24 test subjects is above chance.
+/// With 24 subjects that needs an AUC of about 0.75, and a from-scratch run varies by about
+/// 0.08 AUC with the training seed (or with any change to the rounding of its arithmetic):
+/// 25 epochs passed for seeds 0-3 (interval from 0.60, 0.73, 0.51, 0.51) where 12 epochs
+/// passed for two of them (docs/PERFORMANCE.md, "learning criteria").
 #[test]
 fn diagnosis_auc_interval_is_above_chance() {
     let tmp = tempfile::tempdir().unwrap();
@@ -97,7 +101,7 @@ fn diagnosis_auc_interval_is_above_chance() {
         tmp.path(),
         clinical(),
         "diagnosis",
-        &["--epochs", "12", "--lr", "1e-3", "--schedule", "cosine"],
+        &["--epochs", "25", "--lr", "1e-3", "--schedule", "cosine"],
     );
     let (auc, low) = (metric(&m, "auc"), metric(&m, "auc_ci95_low"));
     assert!(low > 0.5, "AUC {auc}: its 95 % interval starts at {low}");
